@@ -1,0 +1,10 @@
+#pragma once
+// NOTE: [shared element math]
+// The per-element arithmetic of every kernel lives in small inline functions marked MRGD_HOST_DEVICE and is
+// compiled both by the host compiler (CPU kernels) and by nvcc (CUDA kernels). The CPU tests therefore
+// exercise the very expressions the GPU evaluates; only indexing, reductions and launches differ.
+#if defined(__CUDACC__)
+#define MRGD_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MRGD_HOST_DEVICE inline
+#endif

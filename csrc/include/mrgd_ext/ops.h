@@ -1,0 +1,22 @@
+#pragma once
+// Signatures of the operator implementations; schemas are defined once in csrc/mrgd_ext.cpp.
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+namespace mrgd_ext {
+
+// params[i] <- params[i] - lr * (sign/scale * grads[i] + weight_decay * params[i]), all tensors at once.
+void multirate_step_cpu(at::TensorList params, at::TensorList grads, double lr, double weight_decay,
+                        bool maximize, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf);
+
+// c = U^T geff over the flat concatenation of all parameters; U = basis [r, n_total]. Returns [r].
+at::Tensor subspace_project_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& basis,
+                                double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale);
+
+// p <- p - lr * geff - U coeffs (column-wise), skipped entirely when found_inf is non-zero.
+void subspace_step_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& basis,
+                       const at::Tensor& coeffs, double lr, double weight_decay, bool maximize,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+
+}  // namespace mrgd_ext

@@ -1,0 +1,39 @@
+#pragma once
+#include "mrgd_ext/host_device.h"
+
+namespace mrgd_ext {
+
+// NOTE: [gradient factor]
+// `maximize` (ascend instead of descend) and GradScaler's loss scale both act on the raw gradient as one
+// multiplicative factor: sign / scale. Folding them keeps one multiply per element, and lets the CUDA
+// kernels read the scale from device memory without a host synchronisation.
+template <typename acc_t>
+MRGD_HOST_DEVICE acc_t gradient_factor(bool maximize, const float* grad_scale) {
+  const acc_t sign = maximize ? acc_t(-1) : acc_t(1);
+  return grad_scale == nullptr ? sign : sign / static_cast<acc_t>(*grad_scale);
+}
+
+// The gradient the update descends along: the unscaled (and possibly negated) loss gradient plus the
+// L2 weight-decay term, as in torch.optim.SGD. The subspace step projects this same vector.
+template <typename acc_t>
+MRGD_HOST_DEVICE acc_t effective_gradient(acc_t param, acc_t grad, acc_t weight_decay, acc_t grad_factor) {
+  return grad * grad_factor + weight_decay * param;
+}
+
+// One multirate (temporal) step: plain gradient descent at this step's rate of the cycle.
+template <typename acc_t>
+MRGD_HOST_DEVICE acc_t multirate_update(acc_t param, acc_t grad, acc_t lr, acc_t weight_decay,
+                                        acc_t grad_factor) {
+  return param - lr * effective_gradient(param, grad, weight_decay, grad_factor);
+}
+
+// One multirate subspace (spatial) step for one element i:
+//   p_i <- p_i - lr * geff_i - correction_i,   correction_i = sum_k U[k, i] * coeffs[k],
+// where coeffs[k] = (eta_k - lr) * (U^T geff)_k gives column k its own rate eta_k.
+template <typename acc_t>
+MRGD_HOST_DEVICE acc_t subspace_update(acc_t param, acc_t grad, acc_t correction, acc_t lr, acc_t weight_decay,
+                                       acc_t grad_factor) {
+  return param - lr * effective_gradient(param, grad, weight_decay, grad_factor) - correction;
+}
+
+}  // namespace mrgd_ext

@@ -1,0 +1,57 @@
+// Operator schemas of the mrgd_ext namespace and the pybind11 module mrgd_ext._C (build information).
+// Importing mrgd_ext._C loads this library, which registers the schemas below and the CPU (and, in a CUDA
+// build, CUDA) implementations registered in csrc/cpu and csrc/cuda.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "mrgd_ext/ops.h"
+
+TORCH_LIBRARY(mrgd_ext, m) {
+  // Fused multi-tensor multirate (temporal) step: every parameter of one (device, dtype) group in one call.
+  m.def(
+      "multirate_step_(Tensor(a!)[] params, Tensor[] grads, float lr, float weight_decay, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Pass 1 of the multirate subspace step: c = U^T geff, U = basis [r, n_total] over all parameters.
+  m.def(
+      "subspace_project(Tensor[] params, Tensor[] grads, Tensor basis, float weight_decay, bool maximize, "
+      "Tensor? grad_scale=None) -> Tensor");
+  // Pass 2: p <- p - lr * geff - U^T-weighted correction with per-column coefficients.
+  m.def(
+      "subspace_step_(Tensor(a!)[] params, Tensor[] grads, Tensor basis, Tensor coeffs, float lr, "
+      "float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(mrgd_ext, CPU, m) {
+  m.impl("multirate_step_", &mrgd_ext::multirate_step_cpu);
+  m.impl("subspace_project", &mrgd_ext::subspace_project_cpu);
+  m.impl("subspace_step_", &mrgd_ext::subspace_step_cpu);
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mrgd_ext compiled extension: loads the mrgd_ext operator registrations and reports build facts";
+  m.def(
+      "build_info",
+      []() {
+        py::dict info;
+        info["version"] = MRGD_VERSION;
+        info["torch_version"] = MRGD_TORCH_VERSION;
+#ifdef MRGD_WITH_CUDA
+        info["cuda"] = true;
+        info["cuda_archs"] = MRGD_CUDA_ARCHS;
+        info["torch_cuda_version"] = MRGD_TORCH_CUDA_VERSION;
+#else
+        info["cuda"] = false;
+        info["cuda_archs"] = "";
+        info["torch_cuda_version"] = MRGD_TORCH_CUDA_VERSION;
+#endif
+#ifdef MRGD_WITH_OPENMP
+        info["openmp"] = true;
+#else
+        info["openmp"] = false;
+#endif
+        return info;
+      },
+      "Facts about this build: versions, whether CUDA kernels were compiled, CUDA archs, OpenMP.");
+}
