@@ -86,6 +86,8 @@ def multirate_step_(
     params, grads = list(params), list(grads)
     check_param_grad_lists(params, grads)
     check_amp_flags(grad_scale, found_inf, _device_of(params))
+    if not params:  # nothing to update, and no tensor for the dispatcher to pick a device from
+        return
     torch.ops.mrgd_ext.multirate_step_(
         params, grads, float(lr), float(weight_decay), bool(maximize), grad_scale, found_inf
     )
