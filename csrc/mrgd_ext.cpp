@@ -2,7 +2,11 @@
 // Importing mrgd_ext._C loads this library, which registers the schemas below and the CPU (and, in a CUDA
 // build, CUDA) implementations registered in csrc/cpu and csrc/cuda.
 #include <pybind11/pybind11.h>
+#include <ATen/Config.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "mrgd_ext/cpu_kernel_table.h"
 
 #include "mrgd_ext/ops.h"
 
@@ -46,12 +50,24 @@ PYBIND11_MODULE(_C, m) {
         info["cuda_archs"] = "";
         info["torch_cuda_version"] = MRGD_TORCH_CUDA_VERSION;
 #endif
-#ifdef MRGD_WITH_OPENMP
+        // The CPU kernels thread through ATen's parallel_for; it forks OpenMP threads only when torch uses
+        // the OpenMP backend and this library was compiled with OpenMP (NOTE: [OpenMP] in CMakeLists.txt).
+#if defined(_OPENMP) && AT_PARALLEL_OPENMP
         info["openmp"] = true;
 #else
         info["openmp"] = false;
 #endif
+        info["cpu_isa"] = mrgd_ext::cpu::kernel_table().isa;
+        info["cpu_isas_available"] = mrgd_ext::cpu::available_isas();
         return info;
       },
-      "Facts about this build: versions, whether CUDA kernels were compiled, CUDA archs, OpenMP.");
+      "Facts about this build: versions, whether CUDA kernels were compiled, CUDA archs, OpenMP, CPU ISA.");
+  m.def(
+      "_set_cpu_isa",
+      [](const std::string& name) {
+        if (!mrgd_ext::cpu::set_isa(name.c_str()))
+          throw py::value_error("cpu isa '" + name + "' is not available here (have: " +
+                                mrgd_ext::cpu::available_isas() + ", or 'auto')");
+      },
+      "Select the CPU kernel table: 'auto', 'baseline' or 'avx2' (for tests and benchmarks).");
 }

@@ -6,5 +6,7 @@
 #if defined(__CUDACC__)
 #define MRGD_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define MRGD_HOST_DEVICE inline
+// Internal linkage on the host: the CPU element loops are compiled once per instruction set, and a shared
+// (COMDAT) copy of these functions could otherwise carry AVX2 code into the baseline build.
+#define MRGD_HOST_DEVICE static inline
 #endif
