@@ -1,0 +1,174 @@
+// CUDA kernel of the fused multi-tensor multirate step: p <- multirate_update(p, g, lr, wd, factor) for every
+// element of every tensor of one (device, dtype) group, in one launch per kMaxTensors tensors.
+// The per-element arithmetic is mrgd_ext::multirate_update (update_math.h), shared with the CPU kernels.
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "mrgd_ext/checks.h"
+#include "mrgd_ext/update_math.h"
+
+namespace mrgd_ext {
+namespace {
+
+// NOTE: [multi-tensor launch metadata]
+// As in PyTorch's MultiTensorApply, the tensor pointers and sizes travel in a struct passed by value as a
+// kernel argument (kernel parameters live in constant memory: no host-to-device copy, no allocation, nothing
+// to synchronise). Unlike MultiTensorApply, a block finds its (tensor, chunk) from a per-tensor prefix sum of
+// chunk counts instead of a per-block table, so one launch covers any number of chunks of up to kMaxTensors
+// tensors: a model with a few huge tensors takes one launch, and the grid is as large as the work. The
+// struct stays under the classic 4 KiB kernel-parameter limit, which every architecture and toolkit accepts.
+constexpr int kMaxTensors = 110;
+// NOTE: [step chunk size]
+// 16 Ki elements per block (64 per thread): small enough that a 10 M-parameter model yields ~600 blocks,
+// several per SM for latency hiding, large enough that the per-block setup (search, factor) is negligible.
+constexpr int64_t kChunk = 1 << 14;
+constexpr int kThreads = 256;
+constexpr int kVecBytes = 16;
+
+struct StepMeta {
+  void* p[kMaxTensors];
+  const void* g[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int32_t first_block[kMaxTensors];  // first block of tensor t in this launch; ascending
+  int32_t num_tensors;
+};
+static_assert(sizeof(StepMeta) + 64 <= 4096, "launch metadata must fit the 4 KiB kernel-parameter space");
+
+// A 16-byte group of elements, so one load/store instruction moves it (ld.global.v4).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+__device__ __forceinline__ bool aligned16(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0;
+}
+
+// The tensor slot whose chunks contain this block: the last t with first_block[t] <= block.
+__device__ __forceinline__ int find_tensor(const StepMeta& meta, int32_t block) {
+  int lo = 0, hi = meta.num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (meta.first_block[mid] <= block) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    multirate_step_kernel(const StepMeta meta, at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> weight_decay,
+                          bool maximize, const float* __restrict__ grad_scale, const float* __restrict__ found_inf) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  // GradScaler found inf/nan in this step's gradients: leave every parameter untouched. Read on the device,
+  // so the host never waits for the flag.
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  const opmath_t factor = gradient_factor<opmath_t>(maximize, grad_scale);
+
+  const int32_t block = static_cast<int32_t>(blockIdx.x);
+  const int t = find_tensor(meta, block);
+  const int64_t begin = static_cast<int64_t>(block - meta.first_block[t]) * kChunk;
+  const int len = static_cast<int>(min(kChunk, meta.numel[t] - begin));
+  scalar_t* __restrict__ p = static_cast<scalar_t*>(meta.p[t]) + begin;
+  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.g[t]) + begin;
+
+  // NOTE: [vector path and scalar tail]
+  // Chunk starts are multiples of kChunk elements, so a chunk is 16-byte aligned when its tensor's storage
+  // is. Aligned chunks move 16 bytes per load/store and finish the last len % V elements one by one;
+  // a misaligned tensor (a view at an odd storage offset) takes the scalar loop throughout. The arithmetic
+  // is identical on both paths.
+  constexpr int V = kVecBytes / sizeof(scalar_t);
+  using pack_t = Pack<scalar_t, V>;
+  int scalar_begin = 0;
+  if (aligned16(p) && aligned16(g)) {
+    const int num_packs = len / V;
+    for (int j = threadIdx.x; j < num_packs; j += kThreads) {
+      pack_t pp = reinterpret_cast<const pack_t*>(p)[j];
+      const pack_t gp = reinterpret_cast<const pack_t*>(g)[j];
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        pp.v[e] = static_cast<scalar_t>(multirate_update<opmath_t>(
+            static_cast<opmath_t>(pp.v[e]), static_cast<opmath_t>(gp.v[e]), lr, weight_decay, factor));
+      }
+      reinterpret_cast<pack_t*>(p)[j] = pp;
+    }
+    scalar_begin = num_packs * V;
+  }
+  for (int i = scalar_begin + threadIdx.x; i < len; i += kThreads) {
+    p[i] = static_cast<scalar_t>(multirate_update<opmath_t>(static_cast<opmath_t>(p[i]),
+                                                            static_cast<opmath_t>(g[i]), lr, weight_decay, factor));
+  }
+}
+
+template <typename scalar_t>
+void launch_multirate_step(at::TensorList params, at::TensorList grads, double lr, double weight_decay,
+                           bool maximize, const float* grad_scale, const float* found_inf) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  StepMeta meta{};
+  int64_t blocks = 0;
+  auto flush = [&]() {
+    if (meta.num_tensors == 0) return;
+    multirate_step_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        meta, static_cast<opmath_t>(lr), static_cast<opmath_t>(weight_decay), maximize, grad_scale, found_inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    meta.num_tensors = 0;
+    blocks = 0;
+  };
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    if (n == 0) continue;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    // One launch's grid is at most 2^31 - 1 blocks; a tensor that would overflow it starts a new launch
+    // (a single tensor needs 2^45 elements to overflow on its own).
+    TORCH_CHECK(chunks < INT32_MAX, "mrgd_ext: params[", i, "] is too large (", n, " elements)");
+    if (meta.num_tensors == kMaxTensors || blocks + chunks >= INT32_MAX) flush();
+    const int s = meta.num_tensors++;
+    meta.p[s] = params[i].data_ptr();
+    meta.g[s] = grads[i].data_ptr();
+    meta.numel[s] = n;
+    meta.first_block[s] = static_cast<int32_t>(blocks);
+    blocks += chunks;
+  }
+  flush();
+}
+
+void multirate_step_cuda(at::TensorList params, at::TensorList grads, double lr, double weight_decay,
+                         bool maximize, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf) {
+  check_param_grad_lists(params, grads);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "mrgd_ext: the CUDA multirate_step_ got tensors on ", device);
+  check_scalar_flag(grad_scale, "grad_scale", device);
+  check_scalar_flag(found_inf, "found_inf", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const float* scale_ptr = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  const float* inf_ptr = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  switch (params[0].scalar_type()) {
+    case at::kFloat:
+      return launch_multirate_step<float>(params, grads, lr, weight_decay, maximize, scale_ptr, inf_ptr);
+    case at::kDouble:
+      return launch_multirate_step<double>(params, grads, lr, weight_decay, maximize, scale_ptr, inf_ptr);
+    case at::kHalf:
+      return launch_multirate_step<at::Half>(params, grads, lr, weight_decay, maximize, scale_ptr, inf_ptr);
+    case at::kBFloat16:
+      return launch_multirate_step<at::BFloat16>(params, grads, lr, weight_decay, maximize, scale_ptr, inf_ptr);
+    default:
+      TORCH_CHECK(false, "mrgd_ext: unsupported parameter dtype ", params[0].scalar_type(),
+                  " (float32, float64, bfloat16, float16)");
+  }
+}
+
+}  // namespace
+}  // namespace mrgd_ext
+
+TORCH_LIBRARY_IMPL(mrgd_ext, CUDA, m) {
+  m.impl("multirate_step_", &mrgd_ext::multirate_step_cuda);
+}

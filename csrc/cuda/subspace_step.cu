@@ -1,0 +1,323 @@
+// CUDA kernels of the fused multirate subspace step (DESIGN.md 1.4), two passes over all parameters at once:
+//   subspace_project: c = U^T geff              U = basis [r, n_total], geff = effective_gradient(p, g)
+//   subspace_step_:   p <- subspace_update(p, g, sum_k U[k, i] * coeffs[k], lr, wd, factor)
+// over the flat concatenation of the parameters. The per-element arithmetic is shared with the CPU kernels
+// (update_math.h); only the chunking, the reductions and the launches live here.
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+
+#include "mrgd_ext/checks.h"
+#include "mrgd_ext/update_math.h"
+
+namespace mrgd_ext {
+namespace {
+
+// NOTE: [subspace launch metadata]
+// The same scheme as the multirate step (NOTE: [multi-tensor launch metadata] in multirate_step.cu):
+// pointers, sizes and flat offsets of up to kMaxTensors tensors travel as a kernel argument, and a block
+// finds its (tensor, chunk) through the per-tensor prefix sum of chunk counts.
+constexpr int kMaxTensors = 96;
+// 8 Ki elements per block (32 per thread), as the CPU chunks: enough blocks to fill the GPU for a model of a
+// few million parameters, and few enough partial sums ([r, num_chunks]) that the second stage is cheap.
+constexpr int64_t kChunk = 1 << 13;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+// NOTE: [subspace_project rank limit]
+// Each thread keeps one running sum per basis row in registers, so the gradient chunk is read once for
+// all r rows; the number of registers is a compile-time bucket (4, 16 or 64 sums). 64 doubles per thread
+// still fits the 255-register budget of a 256-thread block. Larger ranks are refused here rather than
+// silently re-reading the gradients; this is the only place that knows the limit.
+constexpr int kMaxProjectRank = 64;
+
+struct SubspaceMeta {
+  void* p[kMaxTensors];
+  const void* g[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t flat_offset[kMaxTensors];  // position of the tensor's first element in the flat concatenation
+  int32_t first_block[kMaxTensors];  // first block of tensor t in this launch; ascending
+  int32_t num_tensors;
+};
+static_assert(sizeof(SubspaceMeta) + 128 <= 4096, "launch metadata must fit the 4 KiB kernel-parameter space");
+
+struct BlockWork {
+  int t;          // tensor slot
+  int64_t begin;  // first element of the chunk within the tensor
+  int len;        // elements in the chunk
+};
+
+__device__ __forceinline__ BlockWork find_work(const SubspaceMeta& meta) {
+  const int32_t block = static_cast<int32_t>(blockIdx.x);
+  int lo = 0, hi = meta.num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (meta.first_block[mid] <= block) lo = mid; else hi = mid - 1;
+  }
+  const int64_t begin = static_cast<int64_t>(block - meta.first_block[lo]) * kChunk;
+  return {lo, begin, static_cast<int>(min(kChunk, meta.numel[lo] - begin))};
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// NOTE: [deterministic projection]
+// No floating-point atomics anywhere: every block writes its r partial sums to its own column of a
+// [r, num_chunks] workspace, and a second kernel adds each row in a fixed order. The chunk -> block
+// assignment, the per-thread element order and both reduction trees depend only on the tensor sizes, so two
+// calls on the same inputs give bitwise equal results. Per-thread sums (32 terms) run in the arithmetic type
+// of the parameters, as the CPU chunk loops do; everything after that is in double.
+template <typename scalar_t, typename basis_t, int R>
+__global__ void __launch_bounds__(kThreads)
+    subspace_project_kernel(const SubspaceMeta meta, const basis_t* __restrict__ U, int64_t ld, int r,
+                            at::opmath_type<scalar_t> weight_decay, bool maximize, const float* __restrict__ grad_scale,
+                            double* __restrict__ partial, int64_t num_chunks, int64_t chunk_base) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t factor = gradient_factor<opmath_t>(maximize, grad_scale);
+  const BlockWork w = find_work(meta);
+  const scalar_t* __restrict__ p = static_cast<const scalar_t*>(meta.p[w.t]) + w.begin;
+  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.g[w.t]) + w.begin;
+  const basis_t* __restrict__ u = U + meta.flat_offset[w.t] + w.begin;  // column of this chunk's first element
+
+  opmath_t acc[R];
+#pragma unroll
+  for (int k = 0; k < R; ++k) acc[k] = opmath_t(0);
+  // Consecutive threads take consecutive elements: every load of p, g and each basis row is coalesced.
+  for (int i = threadIdx.x; i < w.len; i += kThreads) {
+    const opmath_t geff = effective_gradient<opmath_t>(static_cast<opmath_t>(p[i]), static_cast<opmath_t>(g[i]),
+                                                       weight_decay, factor);
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      if (k < r) acc[k] += static_cast<opmath_t>(u[k * ld + i]) * geff;
+    }
+  }
+
+  __shared__ double warp_partial[kWarps][R];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    if (k < r) {
+      const double s = warp_sum(static_cast<double>(acc[k]));
+      if (lane == 0) warp_partial[warp][k] = s;
+    }
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < r; k += kThreads) {
+    double s = 0.0;
+#pragma unroll
+    for (int j = 0; j < kWarps; ++j) s += warp_partial[j][k];
+    partial[k * num_chunks + chunk_base + blockIdx.x] = s;  // [r, num_chunks]
+  }
+}
+
+// out[k] = sum over chunks of partial[k, :], one block per row, fixed order (NOTE: [deterministic projection]).
+template <typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    sum_partials_kernel(const double* __restrict__ partial, int64_t num_chunks, out_t* __restrict__ out) {
+  const double* row = partial + blockIdx.x * num_chunks;
+  double s = 0.0;
+  for (int64_t j = threadIdx.x; j < num_chunks; j += kThreads) s += row[j];
+  __shared__ double warp_partial[kWarps];
+  s = warp_sum(s);
+  if (threadIdx.x % 32 == 0) warp_partial[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+#pragma unroll
+    for (int j = 0; j < kWarps; ++j) total += warp_partial[j];
+    out[blockIdx.x] = static_cast<out_t>(total);
+  }
+}
+
+template <typename scalar_t, typename basis_t>
+__global__ void __launch_bounds__(kThreads)
+    subspace_step_kernel(const SubspaceMeta meta, const basis_t* __restrict__ U, int64_t ld, int r,
+                         const at::opmath_type<scalar_t>* __restrict__ coeffs, at::opmath_type<scalar_t> lr,
+                         at::opmath_type<scalar_t> weight_decay, bool maximize, const float* __restrict__ grad_scale,
+                         const float* __restrict__ found_inf) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler skipped this step
+  const opmath_t factor = gradient_factor<opmath_t>(maximize, grad_scale);
+  const BlockWork w = find_work(meta);
+  scalar_t* __restrict__ p = static_cast<scalar_t*>(meta.p[w.t]) + w.begin;
+  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.g[w.t]) + w.begin;
+  const basis_t* __restrict__ u = U + meta.flat_offset[w.t] + w.begin;
+  for (int i = threadIdx.x; i < w.len; i += kThreads) {
+    // Summed from k = 0 upwards in the arithmetic type, as the CPU kernel does, so both round alike.
+    opmath_t correction = opmath_t(0);
+    for (int k = 0; k < r; ++k) correction += static_cast<opmath_t>(u[k * ld + i]) * __ldg(coeffs + k);
+    p[i] = static_cast<scalar_t>(subspace_update<opmath_t>(static_cast<opmath_t>(p[i]), static_cast<opmath_t>(g[i]),
+                                                           correction, lr, weight_decay, factor));
+  }
+}
+
+// Packs the tensors into launches of at most kMaxTensors tensors and calls launch(meta, blocks, chunk_base)
+// for each; chunk_base is the index of the launch's first chunk among all chunks of all tensors.
+template <typename Launch>
+void for_each_launch(at::TensorList params, at::TensorList grads, Launch&& launch) {
+  SubspaceMeta meta{};
+  int64_t blocks = 0, chunk_base = 0, flat = 0;
+  auto flush = [&]() {
+    if (meta.num_tensors == 0) return;
+    launch(meta, blocks, chunk_base);
+    chunk_base += blocks;
+    meta.num_tensors = 0;
+    blocks = 0;
+  };
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    if (n == 0) continue;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    TORCH_CHECK(chunks < INT32_MAX, "mrgd_ext: params[", i, "] is too large (", n, " elements)");
+    if (meta.num_tensors == kMaxTensors || blocks + chunks >= INT32_MAX) flush();
+    const int s = meta.num_tensors++;
+    meta.p[s] = params[i].data_ptr();
+    meta.g[s] = grads[i].data_ptr();
+    meta.numel[s] = n;
+    meta.flat_offset[s] = flat;
+    meta.first_block[s] = static_cast<int32_t>(blocks);
+    blocks += chunks;
+    flat += n;
+  }
+  flush();
+}
+
+int64_t count_chunks(at::TensorList tensors) {
+  int64_t chunks = 0;
+  for (const auto& t : tensors) chunks += (t.numel() + kChunk - 1) / kChunk;
+  return chunks;
+}
+
+// Calls f(scalar_t{}, basis_t{}) for the parameter and basis dtypes (the CPU kernels' dtype sets).
+template <typename F>
+void dispatch_dtypes(at::ScalarType param_dtype, at::ScalarType basis_dtype, F&& f) {
+  auto with_basis = [&](auto scalar_tag) {
+    switch (basis_dtype) {
+      case at::kFloat: return f(scalar_tag, float{});
+      case at::kBFloat16: return f(scalar_tag, at::BFloat16{});
+      case at::kDouble: return f(scalar_tag, double{});
+      default:
+        TORCH_CHECK(false, "mrgd_ext: unsupported basis dtype ", basis_dtype, " (float32, bfloat16, float64)");
+    }
+  };
+  switch (param_dtype) {
+    case at::kFloat: return with_basis(float{});
+    case at::kDouble: return with_basis(double{});
+    case at::kHalf: return with_basis(at::Half{});
+    case at::kBFloat16: return with_basis(at::BFloat16{});
+    default:
+      TORCH_CHECK(false, "mrgd_ext: unsupported parameter dtype ", param_dtype, " (float32, float64, bfloat16, float16)");
+  }
+}
+
+const float* optional_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+at::Tensor subspace_project_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& basis,
+                                 double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale) {
+  check_param_grad_lists(params, grads);
+  if (params.empty()) {  // as the CPU kernel: U^T g over zero elements is the zero vector
+    TORCH_CHECK(basis.dim() == 2 && basis.size(1) == 0, "mrgd_ext: basis must be [r, 0] for an empty parameter list");
+    return at::zeros({basis.size(0)}, basis.options().dtype(at::kFloat));
+  }
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "mrgd_ext: the CUDA subspace_project got tensors on ", device);
+  check_basis(basis, total_numel(params), device);
+  check_scalar_flag(grad_scale, "grad_scale", device);
+  const at::ScalarType dtype = params[0].scalar_type();
+  const int64_t r = basis.size(0);
+  const int64_t n_total = basis.size(1);
+  TORCH_CHECK(r <= kMaxProjectRank, "mrgd_ext: the CUDA subspace_project supports bases of at most ",
+              kMaxProjectRank, " rows, got ", r);
+  const c10::cuda::CUDAGuard guard(device);
+  const int64_t num_chunks = count_chunks(params);
+  const auto out_options = basis.options().dtype(coefficient_dtype(dtype));
+  if (r == 0 || num_chunks == 0) return at::zeros({r}, out_options);  // only zero-size parameters
+  at::Tensor out = at::empty({r}, out_options);  // every entry written by sum_partials_kernel
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor partial = at::empty({r, num_chunks}, basis.options().dtype(at::kDouble));
+  double* partial_ptr = partial.data_ptr<double>();
+  const float* scale_ptr = optional_ptr(grad_scale);
+  const int ri = static_cast<int>(r);
+  dispatch_dtypes(dtype, basis.scalar_type(), [&](auto scalar_tag, auto basis_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using basis_t = decltype(basis_tag);
+    using opmath_t = at::opmath_type<scalar_t>;
+    const basis_t* U = static_cast<const basis_t*>(basis.data_ptr());
+    auto launch_with = [&](auto bucket) {
+      constexpr int R = decltype(bucket)::value;
+      for_each_launch(params, grads, [&](const SubspaceMeta& meta, int64_t blocks, int64_t chunk_base) {
+        subspace_project_kernel<scalar_t, basis_t, R><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            meta, U, n_total, ri, static_cast<opmath_t>(weight_decay), maximize, scale_ptr, partial_ptr, num_chunks,
+            chunk_base);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    };
+    if (r <= 4) launch_with(std::integral_constant<int, 4>{});
+    else if (r <= 16) launch_with(std::integral_constant<int, 16>{});
+    else launch_with(std::integral_constant<int, kMaxProjectRank>{});
+    using out_t = opmath_t;  // float32, or float64 for float64 parameters (coefficient_dtype)
+    sum_partials_kernel<out_t><<<static_cast<unsigned>(r), kThreads, 0, stream>>>(partial_ptr, num_chunks,
+                                                                                   out.data_ptr<out_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+void subspace_step_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& basis,
+                        const at::Tensor& coeffs, double lr, double weight_decay, bool maximize,
+                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_param_grad_lists(params, grads);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "mrgd_ext: the CUDA subspace_step_ got tensors on ", device);
+  check_basis(basis, total_numel(params), device);
+  const at::ScalarType dtype = params[0].scalar_type();
+  check_coeffs(coeffs, basis.size(0), dtype, device);
+  check_scalar_flag(grad_scale, "grad_scale", device);
+  check_scalar_flag(found_inf, "found_inf", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n_total = basis.size(1);
+  // The step loops over the rows at run time (one running sum per element), so it has no rank limit.
+  TORCH_CHECK(basis.size(0) <= INT32_MAX, "mrgd_ext: basis has too many rows");
+  const int ri = static_cast<int>(basis.size(0));
+  const float* scale_ptr = optional_ptr(grad_scale);
+  const float* inf_ptr = optional_ptr(found_inf);
+  dispatch_dtypes(dtype, basis.scalar_type(), [&](auto scalar_tag, auto basis_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using basis_t = decltype(basis_tag);
+    using opmath_t = at::opmath_type<scalar_t>;
+    const basis_t* U = static_cast<const basis_t*>(basis.data_ptr());
+    // coeffs has the arithmetic type of the parameters (coefficient_dtype == opmath type), checked above.
+    const opmath_t* w = static_cast<const opmath_t*>(coeffs.data_ptr());
+    for_each_launch(params, grads, [&](const SubspaceMeta& meta, int64_t blocks, int64_t /*chunk_base*/) {
+      subspace_step_kernel<scalar_t, basis_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          meta, U, n_total, ri, w, static_cast<opmath_t>(lr), static_cast<opmath_t>(weight_decay), maximize,
+          scale_ptr, inf_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace
+}  // namespace mrgd_ext
+
+TORCH_LIBRARY_IMPL(mrgd_ext, CUDA, m) {
+  m.impl("subspace_project", &mrgd_ext::subspace_project_cuda);
+  m.impl("subspace_step_", &mrgd_ext::subspace_step_cuda);
+}
