@@ -1,0 +1,3 @@
+from mrgd_ext.cli import main
+
+raise SystemExit(main())
