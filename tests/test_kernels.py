@@ -309,3 +309,21 @@ def test_multirate_step_rounding_and_special_values_match_torch_casts(dtype):
     _ops.multirate_step_(kernel, [g], lr, weight_decay=0.125)
     ref.multirate_step(reference, [g], lr, weight_decay=0.125)
     torch.testing.assert_close(kernel[0], reference[0], rtol=0, atol=0, equal_nan=True)
+
+
+def test_ops_trace_under_torch_compile():
+    """The fake implementations let torch.compile trace the ops into one graph (no graph breaks)."""
+    params, grads = make_lists([33, 7], torch.float32)
+    basis = torch.randn(3, 40)
+
+    def step(ps, gs, u):
+        c = torch.ops.mrgd_ext.subspace_project(ps, gs, u, 0.0, False)
+        torch.ops.mrgd_ext.subspace_step_(ps, gs, u, -0.1 * c, 0.2, 0.0, False)
+        torch.ops.mrgd_ext.multirate_step_(ps, gs, 0.1, 0.0, False)
+
+    eager = [p.clone() for p in params]
+    compiled = [p.clone() for p in params]
+    step(eager, grads, basis)
+    torch.compile(step, backend="aot_eager", fullgraph=True)(compiled, grads, basis)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
