@@ -1,23 +1,9 @@
 """Figure 3 of He, Liu, Tsai (arXiv:2402.03021), reproduced: iterations to relative error 1e-6.
 
-Random 100-dimensional linear regression with multiscale data (mrgd_ext.problems.random_multiscale_quadratic):
-two scales (m = 1, r = 1e-3) and three scales (m = 2, r = 0.1), with r read as the ratio between Hessian
-eigenvalue groups (see the problems module for why), plus a supplementary row set with the data-scale reading
-of the three-scale problem (Hessian ratio r**2 = 0.01).
+Runs mrgd_ext.reproduce.figure3 (its docstring describes the problems, methods and counts) over several
+seeds and writes benchmarks/results/fig3.{json,md}.
 
-Methods, all float64 on the exact quadratic:
-  GD at the best constant rate 2/(lambda_min+lambda_max); heavy ball and Nesterov with optimal constant
-  parameters for [lambda_min, lambda_max]; conjugate gradients; MrGD cycles planned by
-  mrgd_ext.schedule.plan_multirate from the exact eigenvalue groups: nested (paper Algorithm 1, reference
-  form), chebyshev-nested, chebyshev and auto; and, as the ideal of DESIGN 1.4, the subspace (spatial)
-  form with exact eigenbases, every group at its own rate at every step.
-
-Counts: "measured" starts from x0 = 0 (the regression default) and stops at the first iteration with
-||x_k - x*|| <= tol ||x_0 - x*||.  For the MrGD plans the planner's prediction (a worst case over starts) is
-shown next to the measured worst case: one run per eigenvector start, i.e. the first k with
-||P_k(H)||_2 <= tol.  Medians over seeds.  Timings are not the point here; nothing is timed.
-
-    python benchmarks/fig3.py [--seeds 5] [--tol 1e-6]   (the computation lives in mrgd_ext.reproduce)
+    python benchmarks/fig3.py [--seeds 5] [--tol 1e-6] [--out DIR]
 """
 
 from __future__ import annotations

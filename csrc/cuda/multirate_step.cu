@@ -12,34 +12,18 @@
 #include <optional>
 
 #include "mrgd_ext/checks.h"
+#include "mrgd_ext/cuda_multi_tensor.cuh"
 #include "mrgd_ext/update_math.h"
 
 namespace mrgd_ext {
 namespace {
 
-// NOTE: [multi-tensor launch metadata]
-// As in PyTorch's MultiTensorApply, the tensor pointers and sizes travel in a struct passed by value as a
-// kernel argument (kernel parameters live in constant memory: no host-to-device copy, no allocation, nothing
-// to synchronise). Unlike MultiTensorApply, a block finds its (tensor, chunk) from a per-tensor prefix sum of
-// chunk counts instead of a per-block table, so one launch covers any number of chunks of up to kMaxTensors
-// tensors: a model with a few huge tensors takes one launch, and the grid is as large as the work. The
-// struct stays under the classic 4 KiB kernel-parameter limit, which every architecture and toolkit accepts.
-constexpr int kMaxTensors = 110;
 // NOTE: [step chunk size]
 // 16 Ki elements per block (64 per thread): small enough that a 10 M-parameter model yields ~600 blocks,
 // several per SM for latency hiding, large enough that the per-block setup (search, factor) is negligible.
 constexpr int64_t kChunk = 1 << 14;
 constexpr int kThreads = 256;
 constexpr int kVecBytes = 16;
-
-struct StepMeta {
-  void* p[kMaxTensors];
-  const void* g[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int32_t first_block[kMaxTensors];  // first block of tensor t in this launch; ascending
-  int32_t num_tensors;
-};
-static_assert(sizeof(StepMeta) + 64 <= 4096, "launch metadata must fit the 4 KiB kernel-parameter space");
 
 // A 16-byte group of elements, so one load/store instruction moves it (ld.global.v4).
 template <typename T, int V>
@@ -51,19 +35,9 @@ __device__ __forceinline__ bool aligned16(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0;
 }
 
-// The tensor slot whose chunks contain this block: the last t with first_block[t] <= block.
-__device__ __forceinline__ int find_tensor(const StepMeta& meta, int32_t block) {
-  int lo = 0, hi = meta.num_tensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (meta.first_block[mid] <= block) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    multirate_step_kernel(const StepMeta meta, at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> weight_decay,
+    multirate_step_kernel(const cuda::TensorPack meta, at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> weight_decay,
                           bool maximize, const float* __restrict__ grad_scale, const float* __restrict__ found_inf) {
   using opmath_t = at::opmath_type<scalar_t>;
   // GradScaler found inf/nan in this step's gradients: leave every parameter untouched. Read on the device,
@@ -71,12 +45,10 @@ __global__ void __launch_bounds__(kThreads)
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   const opmath_t factor = gradient_factor<opmath_t>(maximize, grad_scale);
 
-  const int32_t block = static_cast<int32_t>(blockIdx.x);
-  const int t = find_tensor(meta, block);
-  const int64_t begin = static_cast<int64_t>(block - meta.first_block[t]) * kChunk;
-  const int len = static_cast<int>(min(kChunk, meta.numel[t] - begin));
-  scalar_t* __restrict__ p = static_cast<scalar_t*>(meta.p[t]) + begin;
-  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.g[t]) + begin;
+  const cuda::ChunkWork w = cuda::find_chunk<kChunk>(meta);
+  const int len = w.len;
+  scalar_t* __restrict__ p = static_cast<scalar_t*>(meta.p[w.t]) + w.begin;
+  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.g[w.t]) + w.begin;
 
   // NOTE: [vector path and scalar tail]
   // Chunk starts are multiples of kChunk elements, so a chunk is 16-byte aligned when its tensor's storage
@@ -111,32 +83,11 @@ void launch_multirate_step(at::TensorList params, at::TensorList grads, double l
                            bool maximize, const float* grad_scale, const float* found_inf) {
   using opmath_t = at::opmath_type<scalar_t>;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  StepMeta meta{};
-  int64_t blocks = 0;
-  auto flush = [&]() {
-    if (meta.num_tensors == 0) return;
+  cuda::for_each_launch<kChunk>(params, grads, [&](const cuda::TensorPack& pack, int64_t blocks, int64_t) {
     multirate_step_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        meta, static_cast<opmath_t>(lr), static_cast<opmath_t>(weight_decay), maximize, grad_scale, found_inf);
+        pack, static_cast<opmath_t>(lr), static_cast<opmath_t>(weight_decay), maximize, grad_scale, found_inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    meta.num_tensors = 0;
-    blocks = 0;
-  };
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t n = params[i].numel();
-    if (n == 0) continue;
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-    // One launch's grid is at most 2^31 - 1 blocks; a tensor that would overflow it starts a new launch
-    // (a single tensor needs 2^45 elements to overflow on its own).
-    TORCH_CHECK(chunks < INT32_MAX, "mrgd_ext: params[", i, "] is too large (", n, " elements)");
-    if (meta.num_tensors == kMaxTensors || blocks + chunks >= INT32_MAX) flush();
-    const int s = meta.num_tensors++;
-    meta.p[s] = params[i].data_ptr();
-    meta.g[s] = grads[i].data_ptr();
-    meta.numel[s] = n;
-    meta.first_block[s] = static_cast<int32_t>(blocks);
-    blocks += chunks;
-  }
-  flush();
+  });
 }
 
 void multirate_step_cuda(at::TensorList params, at::TensorList grads, double lr, double weight_decay,

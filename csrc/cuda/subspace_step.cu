@@ -17,16 +17,12 @@
 #include <type_traits>
 
 #include "mrgd_ext/checks.h"
+#include "mrgd_ext/cuda_multi_tensor.cuh"
 #include "mrgd_ext/update_math.h"
 
 namespace mrgd_ext {
 namespace {
 
-// NOTE: [subspace launch metadata]
-// The same scheme as the multirate step (NOTE: [multi-tensor launch metadata] in multirate_step.cu):
-// pointers, sizes and flat offsets of up to kMaxTensors tensors travel as a kernel argument, and a block
-// finds its (tensor, chunk) through the per-tensor prefix sum of chunk counts.
-constexpr int kMaxTensors = 96;
 // 8 Ki elements per block (32 per thread), as the CPU chunks: enough blocks to fill the GPU for a model of a
 // few million parameters, and few enough partial sums ([r, num_chunks]) that the second stage is cheap.
 constexpr int64_t kChunk = 1 << 13;
@@ -39,33 +35,6 @@ constexpr int kWarps = kThreads / 32;
 // still fits the 255-register budget of a 256-thread block. Larger ranks are refused here rather than
 // silently re-reading the gradients; this is the only place that knows the limit.
 constexpr int kMaxProjectRank = 64;
-
-struct SubspaceMeta {
-  void* p[kMaxTensors];
-  const void* g[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int64_t flat_offset[kMaxTensors];  // position of the tensor's first element in the flat concatenation
-  int32_t first_block[kMaxTensors];  // first block of tensor t in this launch; ascending
-  int32_t num_tensors;
-};
-static_assert(sizeof(SubspaceMeta) + 128 <= 4096, "launch metadata must fit the 4 KiB kernel-parameter space");
-
-struct BlockWork {
-  int t;          // tensor slot
-  int64_t begin;  // first element of the chunk within the tensor
-  int len;        // elements in the chunk
-};
-
-__device__ __forceinline__ BlockWork find_work(const SubspaceMeta& meta) {
-  const int32_t block = static_cast<int32_t>(blockIdx.x);
-  int lo = 0, hi = meta.num_tensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (meta.first_block[mid] <= block) lo = mid; else hi = mid - 1;
-  }
-  const int64_t begin = static_cast<int64_t>(block - meta.first_block[lo]) * kChunk;
-  return {lo, begin, static_cast<int>(min(kChunk, meta.numel[lo] - begin))};
-}
 
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
@@ -81,12 +50,12 @@ __device__ __forceinline__ double warp_sum(double v) {
 // of the parameters, as the CPU chunk loops do; everything after that is in double.
 template <typename scalar_t, typename basis_t, int R>
 __global__ void __launch_bounds__(kThreads)
-    subspace_project_kernel(const SubspaceMeta meta, const basis_t* __restrict__ U, int64_t ld, int r,
+    subspace_project_kernel(const cuda::TensorPack meta, const basis_t* __restrict__ U, int64_t ld, int r,
                             at::opmath_type<scalar_t> weight_decay, bool maximize, const float* __restrict__ grad_scale,
                             double* __restrict__ partial, int64_t num_chunks, int64_t chunk_base) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t factor = gradient_factor<opmath_t>(maximize, grad_scale);
-  const BlockWork w = find_work(meta);
+  const cuda::ChunkWork w = cuda::find_chunk<kChunk>(meta);
   const scalar_t* __restrict__ p = static_cast<const scalar_t*>(meta.p[w.t]) + w.begin;
   const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.g[w.t]) + w.begin;
   const basis_t* __restrict__ u = U + meta.flat_offset[w.t] + w.begin;  // column of this chunk's first element
@@ -143,14 +112,14 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, typename basis_t>
 __global__ void __launch_bounds__(kThreads)
-    subspace_step_kernel(const SubspaceMeta meta, const basis_t* __restrict__ U, int64_t ld, int r,
+    subspace_step_kernel(const cuda::TensorPack meta, const basis_t* __restrict__ U, int64_t ld, int r,
                          const at::opmath_type<scalar_t>* __restrict__ coeffs, at::opmath_type<scalar_t> lr,
                          at::opmath_type<scalar_t> weight_decay, bool maximize, const float* __restrict__ grad_scale,
                          const float* __restrict__ found_inf) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler skipped this step
   const opmath_t factor = gradient_factor<opmath_t>(maximize, grad_scale);
-  const BlockWork w = find_work(meta);
+  const cuda::ChunkWork w = cuda::find_chunk<kChunk>(meta);
   scalar_t* __restrict__ p = static_cast<scalar_t*>(meta.p[w.t]) + w.begin;
   const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.g[w.t]) + w.begin;
   const basis_t* __restrict__ u = U + meta.flat_offset[w.t] + w.begin;
@@ -161,43 +130,6 @@ __global__ void __launch_bounds__(kThreads)
     p[i] = static_cast<scalar_t>(subspace_update<opmath_t>(static_cast<opmath_t>(p[i]), static_cast<opmath_t>(g[i]),
                                                            correction, lr, weight_decay, factor));
   }
-}
-
-// Packs the tensors into launches of at most kMaxTensors tensors and calls launch(meta, blocks, chunk_base)
-// for each; chunk_base is the index of the launch's first chunk among all chunks of all tensors.
-template <typename Launch>
-void for_each_launch(at::TensorList params, at::TensorList grads, Launch&& launch) {
-  SubspaceMeta meta{};
-  int64_t blocks = 0, chunk_base = 0, flat = 0;
-  auto flush = [&]() {
-    if (meta.num_tensors == 0) return;
-    launch(meta, blocks, chunk_base);
-    chunk_base += blocks;
-    meta.num_tensors = 0;
-    blocks = 0;
-  };
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t n = params[i].numel();
-    if (n == 0) continue;
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-    TORCH_CHECK(chunks < INT32_MAX, "mrgd_ext: params[", i, "] is too large (", n, " elements)");
-    if (meta.num_tensors == kMaxTensors || blocks + chunks >= INT32_MAX) flush();
-    const int s = meta.num_tensors++;
-    meta.p[s] = params[i].data_ptr();
-    meta.g[s] = grads[i].data_ptr();
-    meta.numel[s] = n;
-    meta.flat_offset[s] = flat;
-    meta.first_block[s] = static_cast<int32_t>(blocks);
-    blocks += chunks;
-    flat += n;
-  }
-  flush();
-}
-
-int64_t count_chunks(at::TensorList tensors) {
-  int64_t chunks = 0;
-  for (const auto& t : tensors) chunks += (t.numel() + kChunk - 1) / kChunk;
-  return chunks;
 }
 
 // Calls f(scalar_t{}, basis_t{}) for the parameter and basis dtypes (the CPU kernels' dtype sets).
@@ -243,7 +175,7 @@ at::Tensor subspace_project_cuda(at::TensorList params, at::TensorList grads, co
   TORCH_CHECK(r <= kMaxProjectRank, "mrgd_ext: the CUDA subspace_project supports bases of at most ",
               kMaxProjectRank, " rows, got ", r);
   const c10::cuda::CUDAGuard guard(device);
-  const int64_t num_chunks = count_chunks(params);
+  const int64_t num_chunks = cuda::count_chunks<kChunk>(params);
   const auto out_options = basis.options().dtype(coefficient_dtype(dtype));
   if (r == 0 || num_chunks == 0) return at::zeros({r}, out_options);  // only zero-size parameters
   at::Tensor out = at::empty({r}, out_options);  // every entry written by sum_partials_kernel
@@ -260,7 +192,7 @@ at::Tensor subspace_project_cuda(at::TensorList params, at::TensorList grads, co
     const basis_t* U = static_cast<const basis_t*>(basis.data_ptr());
     auto launch_with = [&](auto bucket) {
       constexpr int R = decltype(bucket)::value;
-      for_each_launch(params, grads, [&](const SubspaceMeta& meta, int64_t blocks, int64_t chunk_base) {
+      cuda::for_each_launch<kChunk>(params, grads, [&](const cuda::TensorPack& meta, int64_t blocks, int64_t chunk_base) {
         subspace_project_kernel<scalar_t, basis_t, R><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
             meta, U, n_total, ri, static_cast<opmath_t>(weight_decay), maximize, scale_ptr, partial_ptr, num_chunks,
             chunk_base);
@@ -305,7 +237,7 @@ void subspace_step_cuda(at::TensorList params, at::TensorList grads, const at::T
     const basis_t* U = static_cast<const basis_t*>(basis.data_ptr());
     // coeffs has the arithmetic type of the parameters (coefficient_dtype == opmath type), checked above.
     const opmath_t* w = static_cast<const opmath_t*>(coeffs.data_ptr());
-    for_each_launch(params, grads, [&](const SubspaceMeta& meta, int64_t blocks, int64_t /*chunk_base*/) {
+    cuda::for_each_launch<kChunk>(params, grads, [&](const cuda::TensorPack& meta, int64_t blocks, int64_t /*chunk_base*/) {
       subspace_step_kernel<scalar_t, basis_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           meta, U, n_total, ri, w, static_cast<opmath_t>(lr), static_cast<opmath_t>(weight_decay), maximize,
           scale_ptr, inf_ptr);
