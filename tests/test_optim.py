@@ -269,7 +269,7 @@ def test_bad_step_leaves_every_parameter_untouched():
     opt = MrGD([{"params": [good]}, {"params": [bad]}], plan=CYCLE, fused=True)
     good.grad = torch.ones(3)
     bad.grad = torch.ones(3, 4)
-    with pytest.raises(ValueError, match=r"params\[0\] is not contiguous"):
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] is not contiguous"):
         opt.step()
     assert torch.equal(good.detach(), torch.ones(3)) and opt.param_groups[0]["cycle_position"] == 0
     bad.grad = torch.ones(3, 4).to_sparse()

@@ -7,6 +7,7 @@ The wrappers validate arguments with Python exceptions that name the argument be
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,7 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(device_type: str) -> bool:
     """Whether every mrgd_ext operator has a kernel for ``device_type`` ("cpu" or "cuda") in this build."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)

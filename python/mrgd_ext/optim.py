@@ -67,6 +67,27 @@ def _fused_supported(params: Sequence[torch.Tensor]) -> bool:
     )
 
 
+def _check_flags_and_kernels(buckets, fused, grad_scale, found_inf) -> None:
+    for (device, _), _lists in buckets.items():
+        check_amp_flags(grad_scale, found_inf, device)
+        if fused and not _ops.has_kernel(device.type):
+            raise RuntimeError(f"fused=True but this build of mrgd_ext has no kernel for device {device}")
+
+
+def _apply_buckets(buckets, lr, weight_decay, maximize, foreach, fused, grad_scale, found_inf) -> None:
+    """One temporal step on already validated (device, dtype) buckets."""
+    for (ps, gs) in buckets.values():
+        use_fused = fused if fused is not None else (not foreach and _fused_supported(ps))
+        if use_fused:
+            torch.ops.mrgd_ext.multirate_step_(ps, gs, lr, weight_decay, maximize, grad_scale, found_inf)
+        elif foreach or foreach is None:
+            _foreach_multirate_step(ps, gs, lr, weight_decay, maximize, grad_scale, found_inf)
+        else:
+            _reference.multirate_step(
+                ps, gs, lr, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf
+            )
+
+
 def mrgd(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -89,25 +110,15 @@ def mrgd(
         raise RuntimeError("fused and foreach cannot both be True")
     lr = check_positive_rate(lr, "lr")
     weight_decay = check_non_negative(weight_decay, "weight_decay")
-    # Validate everything first so a rejected call leaves every parameter untouched.
-    require_contiguous = bool(fused)
-    for (device, _), (ps, gs) in _group_by_device_and_dtype(params, grads).items():
-        check_param_grad_lists(ps, gs, require_contiguous=require_contiguous)
-        check_amp_flags(grad_scale, found_inf, device)
-        if fused and not _ops.has_kernel(device.type):
-            raise RuntimeError(f"fused=True but this build of mrgd_ext has no kernel for device {device}")
-    for _, (ps, gs) in _group_by_device_and_dtype(params, grads).items():
-        use_fused = fused if fused is not None else (not foreach and _fused_supported(ps))
-        if use_fused:
-            _ops.multirate_step_(
-                ps, gs, lr, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf
-            )
-        elif foreach or foreach is None:
-            _foreach_multirate_step(ps, gs, lr, weight_decay, maximize, grad_scale, found_inf)
-        else:
-            _reference.multirate_step(
-                ps, gs, lr, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf
-            )
+    if len(params) != len(grads):
+        raise ValueError(f"params and grads must have the same length, got {len(params)} and {len(grads)}")
+    # Validate everything first so a rejected call leaves every parameter untouched. Buckets are keyed by
+    # the parameters' (device, dtype); the full check then also catches gradients that do not match.
+    buckets = _group_by_device_and_dtype(params, grads)
+    for ps, gs in buckets.values():
+        check_param_grad_lists(ps, gs, require_contiguous=bool(fused))
+    _check_flags_and_kernels(buckets, fused, grad_scale, found_inf)
+    _apply_buckets(buckets, lr, weight_decay, maximize, foreach, fused, grad_scale, found_inf)
 
 
 def _foreach_multirate_step(params, grads, lr, weight_decay, maximize, grad_scale, found_inf) -> None:
@@ -280,26 +291,40 @@ class MrGD(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
 
-        collected = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            grads = [p.grad for p in params]
-            fused = group["fused"]
-            for (device, _), (ps, gs) in _group_by_device_and_dtype(params, grads).items():
-                check_param_grad_lists(ps, gs, require_contiguous=bool(fused))
-                check_amp_flags(grad_scale, found_inf, device)
-                if fused and not _ops.has_kernel(device.type):
-                    raise RuntimeError(f"fused=True but this build of mrgd_ext has no kernel for device {device}")
-            collected.append((params, grads))
+        # NOTE: [optimizer-side checks]
+        # Tensor.grad can only be assigned a tensor of the parameter's shape, dtype and device (torch checks
+        # on assignment), so per step only what assignment allows remains to be refused: sparse gradients,
+        # and non-contiguous tensors on the fused path. Everything is checked before anything is written.
+        prepared = []
+        for gi, group in enumerate(self.param_groups):
+            params, grads = [], []
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError(
+                        f"param_groups[{gi}]['params'][{pi}] has a sparse gradient; MrGD supports dense gradients only"
+                    )
+                if group["fused"] and not (p.is_contiguous() and g.is_contiguous()):
+                    raise ValueError(
+                        f"param_groups[{gi}]['params'][{pi}] is not contiguous; the fused kernel needs contiguous "
+                        "tensors (use fused=None or foreach=True for such parameters)"
+                    )
+                params.append(p)
+                grads.append(g)
+            buckets = _group_by_device_and_dtype(params, grads)
+            _check_flags_and_kernels(buckets, group["fused"], grad_scale, found_inf)
+            prepared.append(buckets)
 
         if self.subspace_enabled:
             self._subspace_step(grad_scale, found_inf)
         else:
-            for group, (params, grads) in zip(self.param_groups, collected):
+            for group, buckets in zip(self.param_groups, prepared):
                 lr = group["lr_scale"] * group["cycle"][group["cycle_position"]]
-                mrgd(
-                    params, grads, lr, weight_decay=group["weight_decay"], maximize=group["maximize"],
-                    foreach=group["foreach"], fused=group["fused"], grad_scale=grad_scale, found_inf=found_inf,
+                _apply_buckets(
+                    buckets, lr, group["weight_decay"], group["maximize"], group["foreach"], group["fused"],
+                    grad_scale, found_inf,
                 )
             # NOTE: [skipped steps keep their place]
             # A step that GradScaler skipped (inf/nan gradients) did not happen, so the cycle must not move
@@ -314,6 +339,8 @@ class MrGD(Optimizer):
         group = self.param_groups[0]
         sub = self.state[_SUBSPACE_KEY]
         params = group["params"]
+        if all(p.grad is None for p in params):  # nothing was differentiated: no step, as in torch.optim
+            return
         # The basis spans all parameters; a parameter without a gradient contributes a zero gradient.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         basis = sub["basis"]
@@ -321,16 +348,19 @@ class MrGD(Optimizer):
         scale = group["lr_scale"]
         base_lr = scale * sub["base_lr"]
         use_fused = group["fused"] if group["fused"] is not None else _fused_supported(params)
-        kwargs = {"weight_decay": group["weight_decay"], "maximize": group["maximize"]}
-        if use_fused:
-            c = _ops.subspace_project(params, grads, basis, grad_scale=grad_scale, **kwargs)
+        wd, maximize = group["weight_decay"], group["maximize"]
+        kwargs = {"weight_decay": wd, "maximize": maximize}
+        if use_fused:  # checked in step(); the raw ops skip the wrappers' per-tensor Python checks
+            c = torch.ops.mrgd_ext.subspace_project(params, grads, basis, wd, maximize, grad_scale)
         else:
             c = _reference.subspace_project(params, grads, basis, grad_scale=grad_scale, **kwargs)
         if getattr(self, "_process_group", None) is not None:
             torch.distributed.all_reduce(c, group=self._process_group)
         coeffs = (scale * sub["column_rates"].to(c.dtype) - base_lr) * c
         if use_fused:
-            _ops.subspace_step_(params, grads, basis, coeffs, base_lr, grad_scale=grad_scale, found_inf=found_inf, **kwargs)
+            torch.ops.mrgd_ext.subspace_step_(
+                params, grads, basis, coeffs, base_lr, wd, maximize, grad_scale, found_inf
+            )
         else:
             _reference.subspace_step(
                 params, grads, basis, coeffs, base_lr, grad_scale=grad_scale, found_inf=found_inf, **kwargs
