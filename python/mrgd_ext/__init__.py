@@ -11,6 +11,10 @@ from mrgd_ext import _ops  # noqa: F401  (loads the compiled operators)
 from mrgd_ext._ops import build_info
 from mrgd_ext.schedule import MultiratePlan, ScaleGroup, groups_from_scales, plan_multirate
 from mrgd_ext.optim import MrGD, MultirateLR, mrgd
+from mrgd_ext.hvp import HessianOperator
+from mrgd_ext.lanczos import LanczosResult, lanczos
+from mrgd_ext.density import SpectralDensity, TraceEstimate, hutchinson_trace, spectral_density
+from mrgd_ext.scales import detect_scales
 
 __all__ = [
     "__version__",
@@ -22,4 +26,12 @@ __all__ = [
     "MrGD",
     "MultirateLR",
     "mrgd",
+    "HessianOperator",
+    "lanczos",
+    "LanczosResult",
+    "spectral_density",
+    "SpectralDensity",
+    "hutchinson_trace",
+    "TraceEstimate",
+    "detect_scales",
 ]
