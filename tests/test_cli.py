@@ -1,14 +1,49 @@
-"""The mrgd-ext command line, end to end in subprocesses (as a user runs it)."""
+"""The mrgd-ext command line, end to end in subprocesses (as a user runs it), on tiny sizes.
+
+Argument mistakes and --help are checked in-process through ``main()`` (the same code path, without paying
+an interpreter start per case); everything that computes, writes files or spawns the benchmark suite runs
+in a subprocess.
+"""
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from mrgd_ext.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_ALL = REPO / "benchmarks" / "run_all.py"
 
 
-def run_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "mrgd_ext", *args], capture_output=True, text=True, timeout=timeout)
+def run_cli(*args, timeout=180, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mrgd_ext", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def run_blocking(blocked: str, *args):
+    """The CLI with ``import <blocked>`` failing, as when an optional dependency is not installed."""
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            "from mrgd_ext.cli import main\n"
+            f"raise SystemExit(main({[str(a) for a in args]!r}))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+
+
+def one_line_error(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# plan, info, help, argument mistakes
 
 
 def test_plan_prints_a_table_and_json():
@@ -21,14 +56,41 @@ def test_plan_prints_a_table_and_json():
 
 
 @pytest.mark.parametrize(
-    "groups,needle",
-    [("1:2,3:4", "sorted"), ("1-2", "'a:b'"), ("x:2", "not two numbers"), ("2:1", "item 0"), ("", "empty")],
+    "argv,needle",
+    [
+        (["plan", "--groups", "1:2,3:4"], "sorted"),
+        (["plan", "--groups", "1-2"], "'a:b'"),
+        (["plan", "--groups", "x:2"], "not two numbers"),
+        (["plan", "--groups", "2:1"], "item 0"),
+        (["plan", "--groups", ""], "empty"),
+        (["demo", "--seeds", "0"], "--seeds must be >= 1"),
+        (["demo", "--tol", "2"], "--tol must be in (0, 1)"),
+        (["demo", "--iterations", "0"], "--iterations must be >= 1"),
+        (["demo", "--out", "plot.txt"], "must end in one of .png"),
+        (["reproduce", "fig3", "--problems", "two_scales,nope"], "choose from two_scales"),
+        (["reproduce", "fig3", "--seeds", "-1"], "--seeds must be >= 1"),
+        (["bench", "--benchmarks", "/nonexistent/folder"], "has no run_all.py"),
+        (["bench", "--timeout", "0"], "--timeout must be > 0"),
+        (["spectrum", "-k", "0"], "-k must be >= 1"),
+        (["spectrum", "--min-gap", "1"], "--min-gap must be a ratio > 1"),
+        (["spectrum", "--model-file", "/nonexistent/model.py", "--no-plot"], "does not exist"),
+    ],
 )
-def test_plan_mistakes_give_one_line_and_status_2(groups, needle):
-    out = run_cli("plan", "--groups", groups)
-    assert out.returncode == 2
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    assert needle in out.stderr
+def test_mistakes_give_one_line_and_status_2(argv, needle, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    line = one_line_error(captured.err)
+    assert line.startswith("mrgd-ext ") and "error:" in line and needle in line, line
+
+
+def test_help_on_every_command(capsys):
+    for cmd in ([], ["demo"], ["plan"], ["info"], ["spectrum"], ["reproduce"], ["reproduce", "fig3"], ["bench"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*cmd, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: mrgd-ext"), (cmd, out[:200])
+        assert " ".join(["mrgd-ext", *cmd]) in out.splitlines()[0]
 
 
 def test_info_reports_the_build():
@@ -37,13 +99,290 @@ def test_info_reports_the_build():
     assert out.returncode == 0 and {"version", "torch_version", "cuda", "openmp", "cpu_isa"} <= set(info)
 
 
-def test_demo_prints_the_figure3_table():
-    out = run_cli("demo", "--seeds", "1", "--quiet")
+# --------------------------------------------------------------------------------------------------------
+# demo
+
+
+def test_demo_compares_mrgd_sgd_and_heavy_ball_and_writes_the_plot(tmp_path):
+    png, js = tmp_path / "sub" / "demo.png", tmp_path / "demo.json"
+    # 1400 steps: just past the plan's predicted 1301 for the diabetes data, so MrGD must reach tol here.
+    out = run_cli("demo", "--seeds", "1", "--iterations", "1400", "--out", png, "--json", js, "--quiet")
     assert out.returncode == 0, out.stderr
-    assert "MrGD auto" in out.stdout and "Heavy ball" in out.stdout and "GD, lr" in out.stdout
+    assert out.stderr == ""  # --quiet: no progress bars, no notices
+    assert "MrGD auto" in out.stdout and "Heavy ball (optimal Polyak)" in out.stdout  # the Figure 3 table
+    assert "SGD, best constant rate" in out.stdout and "Heavy ball, best tuning" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    data = json.loads(js.read_text())
+    assert list(data["figure3"]["problems"]) == ["two_scales", "three_scales"]
+    real = data["diabetes"]
+    spectrum = real["spectrum"]
+    assert spectrum == sorted(spectrum, reverse=True) and len(spectrum) == 11
+    # Every eigenvalue lies in exactly one detected group, and groups are >= 10x apart (detect_scales' gap).
+    groups = real["groups"]
+    assert all(sum(a * (1 - 1e-12) <= v <= b * (1 + 1e-12) for a, b in groups) == 1 for v in spectrum)
+    assert all(groups[k][0] >= 10 * groups[k + 1][1] for k in range(len(groups) - 1))
+    mrgd, sgd, hb = (real["methods"][k] for k in ("mrgd", "sgd", "heavy_ball"))
+    predicted = real["predicted_iterations"]["mrgd"]
+    # The prediction is exact-arithmetic; rounding amplified by a cycle's largest step may cost one or two
+    # extra steps (NOTE: [rounding at cycle ends] in mrgd_ext.reproduce), never a cycle.
+    assert mrgd["iterations_to_tol"] is not None and mrgd["iterations_to_tol"] <= predicted + 2
+    assert mrgd["final_rel_error"] < 1e-6
+    # Both baselines hardly move along the smallest eigenvector (lambda_min / lambda_max ~ 2e-8) in 1400
+    # steps, however they are tuned: their weight error stays of order one.
+    assert sgd["iterations_to_tol"] is None and hb["iterations_to_tol"] is None
+    assert sgd["final_rel_error"] > 0.5 and hb["final_rel_error"] > 0.5
+    assert mrgd["final_rel_suboptimality"] < 1e-6 * min(sgd["final_rel_suboptimality"], hb["final_rel_suboptimality"])
+    # "Best" means best of its grid on this budget.
+    for entry in (sgd, hb):
+        assert entry["final_loss"] == min(g["final_loss"] for g in entry["grid"])
+    assert len(mrgd["history"]["loss"]) == 1401
 
 
-def test_help_on_every_command():
-    for cmd in ([], ["demo"], ["plan"], ["info"]):
-        out = run_cli(*cmd, "--help")
-        assert out.returncode == 0 and "usage: mrgd-ext" in out.stdout
+def test_demo_without_matplotlib_or_scikit_learn_says_what_to_install():
+    out = run_blocking("matplotlib", "demo", "--seeds", "1")
+    assert out.returncode == 2
+    line = one_line_error(out.stderr)
+    assert "needs matplotlib" in line and "pip install 'mrgd_ext[plot]'" in line and "--no-plot" in line
+    out = run_blocking("sklearn", "demo", "--no-plot")
+    assert out.returncode == 2
+    assert "needs scikit-learn" in one_line_error(out.stderr)
+
+
+# --------------------------------------------------------------------------------------------------------
+# spectrum
+
+
+def test_spectrum_of_the_diabetes_problem_matches_its_exact_eigenvalues(tmp_path):
+    out = run_cli("spectrum", "--problem", "diabetes", "-k", "5", "--block-size", "2", "--probes", "3", "--order",
+                  "11", "--check-dense", "--out", tmp_path / "s.png", "--json", tmp_path / "s.json", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    res = json.loads((tmp_path / "s.json").read_text())
+    # Independent truth: the Hessian of 0.5*mean((Xw+b-y)^2) is [X 1]^T [X 1] / N in closed form.
+    from mrgd_ext.reproduce import load_diabetes_raw
+
+    X, _ = load_diabetes_raw()
+    exact = sorted(np.linalg.eigvalsh((X.T @ X / X.shape[0]).numpy()), reverse=True)
+    # Lanczos on an 11-dim operator with a full basis is exact up to rounding: relative to lambda_max ~7e4,
+    # 1e-10 leaves room for float64 HVPs through autograd (each ~1e-16 * |H| with |H| ~ 7e4).
+    assert np.allclose(res["eigenvalues"], exact[:5], rtol=0, atol=1e-10 * exact[0])
+    assert all(res["converged"]) and res["dense_check"]["max_diff_relative_to_lambda_max"] < 1e-10
+    # Groups of the top 5 (gap >= 10x): 7.4e4 alone, then 95.7 .. 621.
+    assert np.allclose(res["groups_top_k"], [[exact[0], exact[0]], [exact[4], exact[1]]], rtol=1e-12)
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Top 5 eigenvalues" in out.stdout and "Dense check" in out.stdout
+
+
+def test_spectrum_of_a_user_model_file(tmp_path):
+    model_file = tmp_path / "my_model.py"
+    model_file.write_text(textwrap.dedent("""
+        import torch
+        gen = torch.Generator().manual_seed(0)
+        X = torch.randn(64, 3, generator=gen, dtype=torch.float64) * torch.tensor([10.0, 1.0, 0.1], dtype=torch.float64)
+        y = torch.randn(64, generator=gen, dtype=torch.float64)
+        model = torch.nn.Linear(3, 1, bias=False, dtype=torch.float64)
+        def loss_fn(out, target):
+            return 0.5 * ((out.squeeze(-1) - target) ** 2).mean()
+        data = [(X[:40], y[:40]), (X[40:], y[40:])]
+        if __name__ == "__main__":
+            raise SystemExit("must not run: the spectrum command loads this file as a module")
+    """))
+    out = run_cli("spectrum", "--model-file", model_file, "-k", "3", "--order", "3", "--no-plot",
+                  "--json", tmp_path / "u.json")
+    assert out.returncode == 0, out.stderr
+    assert "Lanczos HVPs" in out.stderr  # progress bar, not --quiet
+    res = json.loads((tmp_path / "u.json").read_text())
+    # Batches weighted by size give the Hessian of the mean loss over all 64 samples: X^T X / 64.
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 3, generator=gen, dtype=torch.float64) * torch.tensor([10.0, 1.0, 0.1], dtype=torch.float64)
+    exact = sorted(np.linalg.eigvalsh((X.T @ X / 64).numpy()), reverse=True)
+    assert np.allclose(res["eigenvalues"], exact, rtol=1e-10)
+    assert res["problem_name"] == "my_model.py" and res["n"] == 3 and res["num_samples"] == 64
+    assert len(res["groups_top_k"]) == 3  # data scales 10, 1, 0.1 -> Hessian groups 100x apart
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("model = 1\nloss_fn = None\n", "must define model, loss_fn and data (missing: data)"),
+        ("model = 1\nloss_fn = None\ndata = None\n", "model must be a torch.nn.Module, got int"),
+        ("import torch\nmodel = torch.nn.Linear(2, 1)\nloss_fn = torch.nn.MSELoss()\ndata = 3\n",
+         "cannot build the Hessian operator"),
+        ("x = 1\ny = 1 / 0\n", "running it raised ZeroDivisionError at line 2"),
+    ],
+)
+def test_spectrum_model_file_mistakes_give_one_line(tmp_path, body, needle, capsys):
+    model_file = tmp_path / "bad.py"
+    model_file.write_text(body)
+    assert main(["spectrum", "--model-file", str(model_file), "--no-plot", "--quiet"]) == 2
+    assert needle in one_line_error(capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------------------------------------
+# reproduce
+
+
+def test_reproduce_fig3_writes_json_markdown_and_png_with_a_progress_bar(tmp_path):
+    out = run_cli("reproduce", "fig3", "--seeds", "1", "--problems", "two_scales", "--out", tmp_path / "r")
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r" / "fig3.json").read_text())
+    assert list(results["problems"]) == ["two_scales"] and results["meta"]["seeds"] == [0]
+    assert results["checks"] and all(c["passed"] for c in results["checks"])
+    assert "| MrGD auto |" in (tmp_path / "r" / "fig3.md").read_text()
+    assert (tmp_path / "r" / "fig3.png").read_bytes()[:4] == b"\x89PNG"
+    assert "MrGD auto" in out.stdout and "PASS:" in out.stdout
+    assert "Figure 3" in out.stderr and "run" in out.stderr  # the tqdm bar (not --quiet)
+
+
+def test_reproduce_without_tqdm_runs_and_says_so_once(tmp_path):
+    out = run_blocking("tqdm", "reproduce", "fig3", "--seeds", "1", "--problems", "two_scales", "--no-plot",
+                       "--out", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "progress bars are off: tqdm is not installed" in one_line_error(out.stderr)
+    assert (tmp_path / "fig3.json").is_file() and not (tmp_path / "fig3.png").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# bench: benchmarks/run_all.py driven through the CLI, on a stand-in suite of tiny scripts
+
+_FAKE = {
+    # Takes --device, --out and --quick, writes a JSON + markdown pair like the real benchmarks.
+    "bench_step.py": """
+        import argparse, json, pathlib
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--device", default="cpu"); ap.add_argument("--out")
+        ap.add_argument("--quick", action="store_true")
+        a = ap.parse_args()
+        out = pathlib.Path(a.out)
+        (out / "step.json").write_text(json.dumps(vars(a)))
+        table = "| quick | device |\\n|---|---|\\n| %s | %s |\\n" % (a.quick, a.device)
+        (out / "step.md").write_text("# Step table\\n\\n" + table)
+        print("step done")
+    """,
+    # Like fig3.py: no --device, no --quick (run_all uses --seeds 1 for a quick run).
+    "fig3.py": """
+        import argparse, pathlib
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--seeds", type=int, default=5); ap.add_argument("--out")
+        a = ap.parse_args()
+        (pathlib.Path(a.out) / "fig3.md").write_text("# Fig3 with %d seeds\\n" % a.seeds)
+    """,
+    "bench_lanczos_broken.py": """
+        import argparse, sys
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--device"); ap.add_argument("--out")
+        ap.add_argument("--quick", action="store_true")
+        ap.parse_args()
+        sys.exit("boom: the kernel lost to the baseline")
+    """,
+    "bench_lanczos_slow.py": """
+        import argparse, time
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--device"); ap.add_argument("--out"); ap.add_argument("--quick", action="store_true")
+        ap.parse_args()
+        time.sleep(120)
+    """,
+    # No --out: writes to results/ beside itself (as the real scripts do by default), so it must not run in
+    # a quick run, and in a full run its files are copied into OUT.
+    "bench_lanczos_z_noout.py": """
+        import argparse, pathlib
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--device"); ap.add_argument("--quick", action="store_true")
+        a = ap.parse_args()
+        results = pathlib.Path(__file__).resolve().parent / "results"
+        results.mkdir(exist_ok=True)
+        (results / "noout.md").write_text("# No-out table\\n")
+    """,
+}
+
+
+@pytest.fixture()
+def fake_suite(tmp_path):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    shutil.copy(RUN_ALL, suite / "run_all.py")
+    for name, body in _FAKE.items():
+        (suite / name).write_text(textwrap.dedent(body))
+    return suite
+
+
+def test_bench_runs_the_suite_records_failures_and_timeouts(fake_suite, tmp_path):
+    listing = subprocess.run([sys.executable, fake_suite / "run_all.py", "--list"], capture_output=True, text=True)
+    names = [line.split()[0] for line in listing.stdout.splitlines()]
+    assert names == ["bench_step", "fig3", "bench_lanczos_broken", "bench_lanczos_slow", "bench_lanczos_z_noout"]
+
+    out_dir = tmp_path / "out"
+    out = run_cli("bench", "--benchmarks", fake_suite, "--quick", "--out", out_dir, "--timeout", "4")
+    assert out.returncode == 1, out.stdout + out.stderr  # one failed, one timed out
+    assert "boom: the kernel lost" in out.stderr  # a failure shows the end of its log
+    summary = (out_dir / "summary.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in summary.splitlines()
+            if line.startswith(("| bench", "| fig3"))}
+    assert "| ok |" in rows["bench_step"] and "--device cpu" in rows["bench_step"] and "--quick" in rows["bench_step"]
+    assert "step.json, step.md" in rows["bench_step"]
+    assert "| ok |" in rows["fig3"] and "--seeds 1" in rows["fig3"] and "takes no --device" in rows["fig3"]
+    assert "FAILED (exit 1)" in rows["bench_lanczos_broken"]
+    assert "TIMEOUT" in rows["bench_lanczos_slow"] and "killed after 4 s" in rows["bench_lanczos_slow"]
+    assert "| skipped |" in rows["bench_lanczos_z_noout"] and "takes no --out" in rows["bench_lanczos_z_noout"]
+    assert not (fake_suite / "results").exists()  # the skipped one did not run
+    assert "FAILED: bench_lanczos_broken, bench_lanczos_slow" in summary
+    # The benchmarks' own tables are embedded, their headings one level down.
+    assert "## bench_step: step.md" in summary and "## Step table" in summary and "| True | cpu |" in summary
+    assert "## Fig3 with 1 seeds" in summary
+    assert "boom" in (out_dir / "logs" / "bench_lanczos_broken.log").read_text()
+
+
+def test_bench_full_run_collects_the_files_of_a_benchmark_without_out(fake_suite, tmp_path):
+    out = run_cli("bench", "--benchmarks", fake_suite, "--only", "bench_lanczos_z_noout", "--out", tmp_path,
+                  "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert (fake_suite / "results" / "noout.md").is_file()  # where it writes by itself
+    assert (tmp_path / "noout.md").read_text() == "# No-out table\n"  # copied into OUT
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| bench_lanczos_z_noout | ok |" in summary and "## No-out table" in summary
+
+
+def test_bench_on_another_device_skips_device_free_benchmarks_and_rejects_unknown_names(fake_suite, tmp_path):
+    out = run_cli("bench", "--benchmarks", fake_suite, "--device", "cuda", "--only", "fig3", "--out", tmp_path,
+                  "--quiet")
+    assert out.returncode == 0, out.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| fig3 | skipped |" in summary and not (tmp_path / "fig3.md").exists()
+    bad = subprocess.run([sys.executable, fake_suite / "run_all.py", "--only", "fig3,nope"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "unknown benchmark(s) ['nope']" in one_line_error(bad.stderr)
+
+
+# --------------------------------------------------------------------------------------------------------
+# benchmarks/gpu_suite.sh: what can be checked without a GPU (its steps, its bookkeeping when a step fails)
+
+GPU_SUITE = REPO / "benchmarks" / "gpu_suite.sh"
+GPU_STEPS = ["preflight", "build", "verify", "test-cuda-kernels", "test-cuda-marked", "memcheck", "racecheck",
+             "benchmarks"]
+
+
+def test_gpu_suite_parses_and_its_dry_run_lists_every_step_and_writes_nothing(tmp_path):
+    assert subprocess.run(["bash", "-n", GPU_SUITE], capture_output=True).returncode == 0
+    env = {**os.environ, "PYTHON": sys.executable}
+    out = subprocess.run(["bash", GPU_SUITE, "--dry-run", tmp_path / "out"], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for step in GPU_STEPS:
+        assert re.search(rf"^\[dry-run\] \d\d_{step}\b", out.stdout, re.MULTILINE), (step, out.stdout)
+    assert "MRGD_REQUIRE_CUDA=1" in out.stdout and "--device cuda" in out.stdout and "PIP_NO_INDEX=1" in out.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_suite_records_a_failed_step_skips_what_depends_on_it_and_exits_1(tmp_path):
+    # An interpreter that fails at once stands in for a machine without a usable GPU: the suite must write
+    # its summary and exit 1 without building or installing anything.
+    env = {**os.environ, "PYTHON": shutil.which("false")}
+    out = subprocess.run(["bash", GPU_SUITE, tmp_path / "out"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    rows = {line.split()[0]: line for line in summary.splitlines() if line.split() and line.split()[0] in GPU_STEPS}
+    assert "FAILED(1)" in rows["preflight"]
+    assert all("SKIPPED" in rows[step] for step in GPU_STEPS[1:])
+    assert "overall: FAIL (1 step(s) failed or timed out)" in summary
+    assert (tmp_path / "out" / "logs").is_dir()
