@@ -97,14 +97,22 @@ struct Lanes<kBF16> {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   }
-  static void store(uint16_t* dst, F8 x) {
+  static __m256i rounded_bits(F8 x) {
     const __m256i u = _mm256_castps_si256(x.v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q)));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q)));
+  }
+  static void store(uint16_t* dst, F8 x) {
+    const __m256i r = rounded_bits(x);
     // packus works within 128-bit halves; the permute restores element order.
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+  }
+  // Sixteen elements: one pack and one permute serve both halves, then a single 32-byte store.
+  static void store2(uint16_t* dst, F8 lo, F8 hi) {
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded_bits(lo), rounded_bits(hi)), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), packed);
   }
 };
 
@@ -115,6 +123,10 @@ struct Lanes<kF16> {
   }
   static void store(_Float16* dst, F8 x) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static void store2(_Float16* dst, F8 lo, F8 hi) {
+    store(dst, lo);
+    store(dst + 8, hi);
   }
 };
 
@@ -136,6 +148,11 @@ void step_chunk(void* p_, const void* g_, int64_t len, double lr, double weight_
 #if defined(__AVX2__)
   if constexpr (kHasLanes<Kind>) {
     const F8 lr8(lr_a), wd8(wd_a), f8(f_a);
+    for (; i + 16 <= len; i += 16) {
+      const F8 lo = multirate_update<F8>(Lanes<Kind>::load(p + i), Lanes<Kind>::load(g + i), lr8, wd8, f8);
+      const F8 hi = multirate_update<F8>(Lanes<Kind>::load(p + i + 8), Lanes<Kind>::load(g + i + 8), lr8, wd8, f8);
+      Lanes<Kind>::store2(p + i, lo, hi);
+    }
     for (; i + 8 <= len; i += 8) {
       Lanes<Kind>::store(p + i, multirate_update<F8>(Lanes<Kind>::load(p + i), Lanes<Kind>::load(g + i), lr8, wd8, f8));
     }
