@@ -74,7 +74,7 @@ def block_orthogonalize_(
     if vectors.numel() and basis.numel() and vectors.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr():
         raise ValueError("vectors must not share memory with basis (it is written in place)")
     if not has_block_orthogonalize_kernel(vectors.device.type):
-        raise NotImplementedError(
+        raise RuntimeError(
             f"this mrgd_ext build has no block_orthogonalize_ kernel for {vectors.device.type}; use "
             "mrgd_ext._lanczos_reference.block_orthogonalize"
         )
