@@ -15,6 +15,8 @@ from mrgd_ext.hvp import HessianOperator
 from mrgd_ext.lanczos import LanczosResult, lanczos
 from mrgd_ext.density import SpectralDensity, TraceEstimate, hutchinson_trace, spectral_density
 from mrgd_ext.scales import detect_scales
+from mrgd_ext.curvature import CurvatureEstimate, estimate_curvature, plan_from_estimate
+from mrgd_ext.auto import AutoMrGD
 
 __all__ = [
     "__version__",
@@ -34,4 +36,8 @@ __all__ = [
     "hutchinson_trace",
     "TraceEstimate",
     "detect_scales",
+    "CurvatureEstimate",
+    "estimate_curvature",
+    "plan_from_estimate",
+    "AutoMrGD",
 ]

@@ -1,0 +1,411 @@
+"""AutoMrGD: data-informed multirate gradient descent that measures its own rates.
+
+MrGD needs the eigen-groups of the Hessian (DESIGN.md 1.2-1.4). :class:`AutoMrGD` measures them from the model
+and a fixed probe batch (a :class:`mrgd_ext.HessianOperator`) at the start and every ``refresh_every`` steps,
+plans (:func:`mrgd_ext.curvature.plan_from_estimate`) and trains with the fused kernels of :class:`MrGD`:
+
+* ``mode="temporal"``: the plan's cycle of rates, small steps first, the large steps last (the paper's scheme);
+* ``mode="subspace"``: the top Ritz vectors and their groups' rates feed the fused subspace step, so the
+  stiff directions take their own small rate while the rest of the space takes the large one at every step.
+
+NOTE: [safety]
+Large rates are safe only while the measured groups describe the current Hessian. The loss is watched (the
+``closure`` is required): at every check point (each cycle start in temporal mode, every ``check_every``
+steps in subspace mode) the loss must not exceed the loss of the previous check point by more than
+``loss_slack`` (relative), and inside a cycle it must stay finite and below ``max_loss_growth`` times it
+(by default 10 times the square of the plan's predicted peak amplification: a quadratic's loss grows with the
+square of its error, and inside a cycle the plan itself lets the error grow by that much). A violation
+restores the parameters of the last check point (one copy of the parameters is kept), backs the rates off
+(``lr_scale *= backoff``, rate rule ``"safe"``), re-measures the curvature there and goes on, with a
+:class:`RuntimeWarning`; more than ``max_backoffs`` violations in a row raise :class:`RuntimeError`. Nothing
+diverges silently.
+
+NOTE: [gradient noise]
+With minibatch gradients every step also injects noise, and a large step multiplies the noise that the small
+steps then have to damp; the plan's ``perturbation_amplification`` says by how much at most. The defaults
+are the conservative choice for that case: rates by the ``"safe"`` rule (``1/b``: each step non-expansive
+on its own group), a 10% margin on ``lambda_max`` and rollback on any loss increase beyond ``loss_slack``.
+With minibatches the loss seen by the check differs from batch to batch: pass a closure that evaluates a
+fixed batch for the check, or raise ``loss_slack`` above the batch-to-batch spread. Full-batch
+(deterministic) training may use ``rate_rule="optimal"``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mrgd_ext.curvature import CurvatureEstimate, estimate_curvature, plan_from_estimate, widen_top
+from mrgd_ext.optim import MrGD
+from mrgd_ext.schedule import MultiratePlan, ScaleGroup
+
+__all__ = ["AutoMrGD", "MODES"]
+
+#: Values accepted for ``mode=``.
+MODES: tuple[str, ...] = ("temporal", "subspace")
+_AUTO_KEY = "multirate_auto"
+
+
+def _rate(group: ScaleGroup, rule: str) -> float:
+    return 1.0 / group.b if rule == "safe" else 2.0 / (group.a + group.b)
+
+
+def _as_float(loss: Any) -> float:
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+
+def _positive(value: Any, name: str, *, upper: float | None = None) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v <= 0.0 or (upper is not None and v > upper):
+        bound = f" and <= {upper}" if upper is not None else ""
+        raise ValueError(f"{name} must be a finite number > 0{bound}, got {value!r}")
+    return v
+
+
+def _count(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class AutoMrGD(MrGD):
+    r"""MrGD whose rates come from the measured Hessian spectrum (module docstring).
+
+    Args:
+        params: the parameters (one group; tensors, not dicts), all on one device with one dtype.
+        hessian: a :class:`mrgd_ext.HessianOperator` over exactly these parameters, in the same order, on a
+            fixed probe batch. It is applied at the parameters' current values whenever a measurement runs.
+        mode: ``"temporal"`` (cycle of rates) or ``"subspace"`` (Ritz vectors + fused subspace step).
+        refresh_every: re-measure after this many steps (temporal: at the next cycle start).
+        lanczos_tol: residual tolerance of the Lanczos solve (relative to ``|H|``); default 1e-3 in temporal mode
+            and near the dtype's floor in subspace mode (1e-9 for float64, 1e-5 otherwise; NOTE: [basis accuracy]).
+        num_eigs, block_size, density_probes, density_order, min_gap, floor, max_groups: what to measure,
+            see :func:`mrgd_ext.curvature.estimate_curvature`. Subspace mode needs ``num_eigs >= 1``; the
+            basis costs ``num_eigs * n`` elements of ``basis_dtype`` (float32, bfloat16 or float64; default
+            float64 for float64 parameters, float32 otherwise).
+        subspace_rates: ``"group"`` -- each Ritz vector takes its group's rate (DESIGN 1.4); ``"ritz"`` -- each
+            takes the rate of its own Ritz value (``1/theta`` by the safe rule): a preconditioner on the
+            basis, worth it when the measured spectrum decays without clear gaps.
+        warm_start: start each re-measurement's Lanczos from the previous Ritz vectors.
+        tol, strategy, rate_rule, lambda_max_margin: how to plan, see
+            :func:`mrgd_ext.curvature.plan_from_estimate`. Defaults are conservative (NOTE: [gradient noise]).
+        lr_scale: multiplies every rate.
+        loss_slack, max_loss_growth, check_every, backoff, max_backoffs, rollback: NOTE: [safety].
+        weight_decay, maximize, foreach, fused: as for :class:`MrGD`.
+        seed: seeds the probes and start blocks (a re-measurement uses ``seed + number of measurements``).
+
+    Attributes:
+        plan: the current :class:`mrgd_ext.MultiratePlan`.
+        estimate: the latest :class:`mrgd_ext.curvature.CurvatureEstimate`.
+        events: one dict per measurement or back-off (step, kind, reason, HVPs, seconds, groups, rates).
+        estimation_hvps, estimation_seconds: the total cost of all measurements so far.
+
+    ``step(closure)`` needs the closure (it returns the loss, after ``backward``), as for ``torch.optim.LBFGS``.
+    """
+
+    def __init__(
+        self,
+        params,
+        hessian: Any,
+        *,
+        mode: str = "temporal",
+        refresh_every: int = 200,
+        num_eigs: int = 8,
+        block_size: int = 4,
+        lanczos_tol: float | None = None,
+        density_probes: int = 2,
+        density_order: int = 40,
+        min_gap: float = 10.0,
+        floor: float = 1e-6,
+        max_groups: int | None = 4,
+        warm_start: bool = True,
+        tol: float = 1e-6,
+        strategy: str = "nested",
+        rate_rule: str = "safe",
+        lambda_max_margin: float = 1.1,
+        lr_scale: float = 1.0,
+        loss_slack: float = 0.05,
+        max_loss_growth: float | None = None,
+        check_every: int = 10,
+        backoff: float = 0.5,
+        max_backoffs: int = 6,
+        rollback: bool = True,
+        basis_dtype: torch.dtype | None = None,
+        subspace_rates: str = "group",
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        seed: int = 0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors, got a single tensor (wrap it in a list)")
+        params = list(params)
+        if not params:
+            raise ValueError("params is empty")
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(
+                    f"params[{i}] must be a tensor (AutoMrGD takes one param group), got {type(p).__name__}"
+                )
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not (hasattr(hessian, "matmat") and hasattr(hessian, "n")):
+            raise TypeError(f"hessian must be a HessianOperator, got {type(hessian).__name__}")
+        op_params = getattr(hessian, "_params", None)
+        if op_params is not None and [id(p) for p in op_params] != [id(p) for p in params]:
+            raise ValueError(
+                "hessian must be built over exactly the optimizer's parameters, in the same order "
+                "(HessianOperator(model, loss_fn, probe_batch, params=<the same list>))"
+            )
+        if int(hessian.n) != sum(p.numel() for p in params):
+            raise ValueError(f"hessian acts on n={hessian.n} but the parameters have {sum(p.numel() for p in params)}")
+        if mode == "subspace" and num_eigs < 1:
+            raise ValueError("mode='subspace' needs num_eigs >= 1 (the Ritz vectors are its basis)")
+        if basis_dtype is None:
+            # A basis rounded below the parameters' precision leaks (1 - U^T U ~ its eps) into the
+            # complement, which takes the largest rate: keep float64 parameters' basis in float64.
+            basis_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        if basis_dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            raise ValueError(f"basis_dtype must be torch.float32, torch.bfloat16 or torch.float64, got {basis_dtype}")
+        if rate_rule not in ("safe", "optimal"):
+            raise ValueError(f"rate_rule must be 'safe' or 'optimal', got {rate_rule!r}")
+        self.hessian = hessian
+        self.mode = mode
+        self.refresh_every = _count(refresh_every, "refresh_every", 1)
+        self.check_every = _count(check_every, "check_every", 1)
+        self.max_backoffs = _count(max_backoffs, "max_backoffs", 0)
+        self.backoff = _positive(backoff, "backoff", upper=1.0)
+        if self.backoff >= 1.0:
+            raise ValueError(f"backoff must be < 1 (the factor rates shrink by after a violation), got {backoff}")
+        self.loss_slack = float(loss_slack)
+        if not (math.isfinite(self.loss_slack) and self.loss_slack >= 0.0):
+            raise ValueError(f"loss_slack must be a finite number >= 0, got {loss_slack!r}")
+        self.max_loss_growth = None if max_loss_growth is None else _positive(max_loss_growth, "max_loss_growth")
+        self.lambda_max_margin = float(lambda_max_margin)
+        widen_top([ScaleGroup(1.0, 1.0)], self.lambda_max_margin)  # validates the margin
+        self.rollback = bool(rollback)
+        self.warm_start = bool(warm_start)
+        self.basis_dtype = basis_dtype
+        if subspace_rates not in ("group", "ritz"):
+            raise ValueError(f"subspace_rates must be 'group' or 'ritz', got {subspace_rates!r}")
+        self.subspace_rates = subspace_rates
+        self.seed = int(seed)
+        self._measure_kwargs = {
+            "num_eigs": _count(num_eigs, "num_eigs", 0),
+            "block_size": _count(block_size, "block_size", 1),
+            "lanczos_tol": self._lanczos_tol(lanczos_tol, mode, params[0].dtype),
+            "density_probes": _count(density_probes, "density_probes", 0),
+            "density_order": _count(density_order, "density_order", 1),
+            "min_gap": min_gap,
+            "floor": floor,
+            "max_groups": max_groups,
+        }
+        self._plan_kwargs = {"tol": tol, "strategy": strategy, "rate_rule": rate_rule}
+        self.events: list[dict[str, Any]] = []
+        self.estimate: CurvatureEstimate | None = None
+        self.plan: MultiratePlan | None = None
+        self._snapshot: list[torch.Tensor] | None = None
+
+        estimate, plan = self._measure(params, step=0, reason="start")
+        super().__init__(
+            params, plan=plan, lr_scale=lr_scale, weight_decay=weight_decay, maximize=maximize,
+            foreach=foreach, fused=fused,
+        )
+        self.state[_AUTO_KEY] = {"step": 0, "last_estimate": 0, "since_check": 0, "ref_loss": None,
+                                 "backoffs": 0}
+        self._install(estimate, plan)
+
+    # ----------------------------------------------------------------------------------------------
+    # Measuring and planning
+
+    @staticmethod
+    def _lanczos_tol(tol: float | None, mode: str, dtype: torch.dtype) -> float:
+        # NOTE: [basis accuracy]
+        # In subspace mode a Ritz vector off by epsilon leaves an epsilon-part of its stiff direction
+        # (eigenvalue lambda_1) in the complement, which takes the large base rate eta: the step is stable
+        # only while eta * lambda_1 * epsilon stays below about 1, i.e. epsilon below the measured scale
+        # ratio. So the basis is resolved to near the dtype's floor; rates alone need only 1e-3.
+        if tol is not None:
+            return _positive(tol, "lanczos_tol")
+        if mode == "temporal":
+            return 1e-3
+        return 1e-9 if dtype == torch.float64 else 1e-5
+
+    @property
+    def estimation_hvps(self) -> int:
+        return sum(e["num_hvps"] for e in self.events)
+
+    @property
+    def estimation_seconds(self) -> float:
+        return sum(e["seconds"] for e in self.events)
+
+    def _measure(self, params: list[torch.Tensor], *, step: int, reason: str) -> tuple[CurvatureEstimate, MultiratePlan]:
+        start = None
+        if self.warm_start and self.estimate is not None and self.estimate.eigenvectors is not None:
+            start = self.estimate.eigenvectors
+        t0 = time.perf_counter()
+        estimate = estimate_curvature(
+            self.hessian, start=start, seed=self.seed + len(self.events), **self._measure_kwargs
+        )
+        plan = plan_from_estimate(estimate, lambda_max_margin=self.lambda_max_margin, **self._plan_kwargs)
+        self.estimate, self.plan = estimate, plan
+        self.events.append({
+            "step": step,
+            "kind": "estimate" if reason in ("start", "refresh") else "backoff",
+            "reason": reason,
+            "num_hvps": estimate.num_hvps,
+            "seconds": time.perf_counter() - t0,
+            "groups": [[g.a, g.b] for g in estimate.groups],
+            "lambda_max": estimate.lambda_max,
+            "cycle_length": plan.cycle_length,
+            "rates": list(plan.rates),
+        })
+        return estimate, plan
+
+    def _subspace_arguments(self, estimate: CurvatureEstimate) -> tuple[torch.Tensor, list[float], float]:
+        """Basis (top Ritz vectors), their groups' rates and the rate of the rest (NOTE: [subspace rates])."""
+        # NOTE: [subspace rates]
+        # Each Ritz vector takes the rate of the measured group its Ritz value lies in (top group widened by
+        # the margin). The complement of the basis holds the eigenvalues below the smallest Ritz value
+        # theta_k (lambda_{k+1} <= lambda_k, and theta_k approximates lambda_k), or below the next group
+        # when theta_k closes its group; it takes the rate of [a_min, that top]: by the safe rule 1/top, a
+        # rate far beyond 2/lambda_max when the basis holds the stiff groups.
+        rule = self._plan_kwargs["rate_rule"]
+        groups = widen_top(estimate.groups, self.lambda_max_margin)
+        thetas = [float(t) for t in estimate.eigenvalues]
+        rates = []
+        for t in thetas:
+            g = next((g for g in groups if t >= g.a), groups[-1])
+            if self.subspace_rates == "ritz" and t > 0:
+                # Its own Ritz value as a one-point group (top one widened like lambda_max).
+                g = ScaleGroup(t, t * (self.lambda_max_margin if t >= groups[0].a else 1.0))
+            rates.append(_rate(g, rule))
+        # Curvature below floor * lambda_max forms no group (estimate_curvature), so no rate beyond
+        # 1 / (floor * lambda_max) is aimed at it, here either.
+        lowest = self._measure_kwargs["floor"] * estimate.lambda_max
+        positive = [t for t in thetas if t > 0]
+        top_rest = max(min(positive), lowest) if positive else groups[-1].b
+        # When the smallest Ritz value sits at the lower end of its group, the basis holds that whole group
+        # and the rest of the spectrum starts at the next group down.
+        for i, g in enumerate(groups):
+            if g.a <= top_rest <= g.b:
+                if top_rest <= g.a * (1.0 + 1e-3) and i + 1 < len(groups):
+                    top_rest = groups[i + 1].b
+                break
+        low = min(groups[-1].a, top_rest)
+        base = _rate(ScaleGroup(low, top_rest), rule)
+        basis = estimate.eigenvectors.to(self.basis_dtype)
+        # Ritz values at or below zero (negative curvature) get the base rate: no rate is aimed at them.
+        rates = [r if t > 0 else base for r, t in zip(rates, thetas)]
+        return basis, rates, base
+
+    def _install(self, estimate: CurvatureEstimate, plan: MultiratePlan) -> None:
+        group = self.param_groups[0]
+        group["cycle"] = tuple(plan.cycle)
+        group["cycle_position"] = 0
+        group["lr"] = group["lr_scale"] * plan.cycle[0]
+        if self.mode == "subspace":
+            basis, rates, base = self._subspace_arguments(estimate)
+            self.set_subspace(basis, rates, base)
+        peak = plan.peak_amplification if self.mode == "temporal" else 1.0
+        self._growth_bound = self.max_loss_growth or min(10.0 * peak * peak, 1e30)
+
+    # ----------------------------------------------------------------------------------------------
+    # Stepping with the safety checks
+
+    def _at_check_point(self) -> bool:
+        auto = self.state[_AUTO_KEY]
+        if self.mode == "temporal":
+            return self.param_groups[0]["cycle_position"] == 0
+        return auto["since_check"] >= self.check_every or auto["ref_loss"] is None
+
+    def _violation(self, loss: float, check_point: bool) -> str | None:
+        ref = self.state[_AUTO_KEY]["ref_loss"]
+        if not math.isfinite(loss):
+            return f"the loss is {loss}"
+        if ref is None:
+            return None
+        # A loss near zero has no meaningful relative increase; the absolute floor avoids false alarms there.
+        allowance = abs(ref) * self.loss_slack + 1e-12
+        if check_point and loss > ref + allowance:
+            return f"the loss rose from {ref:.6g} to {loss:.6g} over one check interval"
+        if loss > abs(ref) * self._growth_bound + allowance:
+            return f"the loss grew from {ref:.6g} to {loss:.6g}, beyond {self._growth_bound:.3g}x"
+        return None
+
+    def _back_off(self, reason: str, closure: Callable[[], Any]) -> Any:
+        auto = self.state[_AUTO_KEY]
+        auto["backoffs"] += 1
+        group = self.param_groups[0]
+        params = group["params"]
+        if self.rollback and self._snapshot is not None:
+            with torch.no_grad():
+                for p, s in zip(params, self._snapshot):
+                    p.copy_(s)
+        if auto["backoffs"] > self.max_backoffs:
+            restored = " (parameters restored to the last check point)" if self.rollback else ""
+            raise RuntimeError(
+                f"AutoMrGD: {reason} at step {auto['step']}, and {self.max_backoffs} back-offs did not make the "
+                f"loss decrease{restored}; the Hessian estimate does not describe this problem (try more "
+                "num_eigs or density_probes, a smaller lr_scale, or rate_rule='safe')"
+            )
+        group["lr_scale"] *= self.backoff
+        self._plan_kwargs["rate_rule"] = "safe"
+        if self._plan_kwargs["strategy"] != "nested":
+            self._plan_kwargs["strategy"] = "nested"  # the safe rule is a single-rate (nested) rule
+        estimate, plan = self._measure(params, step=auto["step"], reason=reason)
+        self._install(estimate, plan)
+        auto["last_estimate"] = auto["step"]
+        warnings.warn(
+            f"AutoMrGD: {reason} at step {auto['step']}; "
+            + ("parameters restored to the last check point, " if self.rollback else "")
+            + f"curvature re-measured, lr_scale now {group['lr_scale']:.3g} with safe rates",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        with torch.enable_grad():
+            return closure()
+
+    def step(self, closure=None):  # type: ignore[override]
+        """Evaluate ``closure`` (loss + gradients), check the loss (NOTE: [safety]), take one MrGD step.
+
+        Returns the closure's loss at the parameters the step was taken from."""
+        if closure is None:
+            raise ValueError("AutoMrGD.step needs a closure that computes the loss and its gradients (NOTE: [safety])")
+        auto = self.state[_AUTO_KEY]
+        with torch.enable_grad():
+            loss = closure()
+        check_point = self._at_check_point()
+        reason = self._violation(_as_float(loss), check_point)
+        if reason is not None:
+            loss = self._back_off(reason, closure)
+            check_point = True
+            if not math.isfinite(_as_float(loss)):
+                raise RuntimeError(f"AutoMrGD: the loss is {_as_float(loss)} at the restored parameters")
+        elif check_point and auto["ref_loss"] is not None:
+            auto["backoffs"] = 0
+        if check_point:
+            if reason is None and auto["step"] - auto["last_estimate"] >= self.refresh_every:
+                estimate, plan = self._measure(self.param_groups[0]["params"], step=auto["step"], reason="refresh")
+                self._install(estimate, plan)
+                auto["last_estimate"] = auto["step"]
+            if self.rollback:
+                params = self.param_groups[0]["params"]
+                if self._snapshot is None:
+                    self._snapshot = [p.detach().clone() for p in params]
+                else:
+                    with torch.no_grad():
+                        for s, p in zip(self._snapshot, params):
+                            s.copy_(p)
+            auto["ref_loss"] = _as_float(loss)
+            auto["since_check"] = 0
+        super().step()
+        auto["step"] += 1
+        auto["since_check"] += 1
+        return loss
