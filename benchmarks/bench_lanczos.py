@@ -151,7 +151,13 @@ def main() -> None:
     ap.add_argument("--power-max-hvps", type=int, default=100, help="per eigenpair")
     ap.add_argument("--block-sizes", default="1,4,8")
     ap.add_argument("--skip-eigsh", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 200 samples, 5 training steps, k=4, block sizes 1,4, 20 power HVPs per pair")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
+    if args.quick:
+        args.samples, args.train_steps, args.k = min(args.samples, 200), min(args.train_steps, 5), min(args.k, 4)
+        args.block_sizes, args.power_max_hvps = "1,4", min(args.power_max_hvps, 20)
     device = args.device
     info = machine_info(device)
     t_all = time.perf_counter()
@@ -255,7 +261,7 @@ def main() -> None:
            f"{targets['best_lanczos_hvp_ratio']:.3f}x); <= 10% of wall time outside the HVPs "
            f"(Lanczos: " + ", ".join(f"{r['method'][8:]}: {100 * r['outside_hvp_fraction']:.1f}%" for r in lanczos_runs)
            + ").\n")
-    paths = write_results(f"lanczos_{torch.device(device).type}", payload, md)
+    paths = write_results(f"lanczos_{torch.device(device).type}", payload, md, args.out)
     print(md)
     print("wrote", *paths, f"in {time.perf_counter() - t_all:.0f} s")
 

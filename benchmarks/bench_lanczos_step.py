@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="skip n = 4e6")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
     device = args.device
     if not _lanczos_ops.has_block_orthogonalize_kernel(torch.device(device).type):
@@ -126,7 +127,7 @@ def main() -> None:
         f"\nKernel faster in {wins} of {len(results)} cases; geometric-mean speedup {geo:.2f}x "
         f"(min {summary['min_speedup']:.2f}x, max {summary['max_speedup']:.2f}x).\n"
     )
-    paths = write_results(f"lanczos_step_{torch.device(device).type}", payload, md)
+    paths = write_results(f"lanczos_step_{torch.device(device).type}", payload, md, args.out)
     print(md)
     print("wrote", *paths)
 
