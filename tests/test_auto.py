@@ -290,3 +290,28 @@ def test_auto_trains_a_small_network_with_a_fixed_probe_batch():
 def test_public_names():
     for name in ("AutoMrGD", "estimate_curvature", "plan_from_estimate", "CurvatureEstimate"):
         assert hasattr(mrgd_ext, name)
+
+
+def test_auto_state_dict_resumes_the_same_trajectory():
+    eigs = _spectrum()
+    w, _w_star, _H, op, closure_for = _problem(eigs)
+    kwargs = {"density_order": eigs.size, "max_groups": None, "refresh_every": 10**6}
+    opt = AutoMrGD([w], op, **kwargs)
+    closure = closure_for(opt)
+    for _ in range(opt.plan.cycle_length + 7):  # stop mid-cycle
+        opt.step(closure)
+    state = opt.state_dict()
+    saved = w.detach().clone()
+    for _ in range(25):
+        opt.step(closure)
+    expected = w.detach().clone()
+
+    with torch.no_grad():
+        w.copy_(saved)
+    resumed = AutoMrGD([w], op, **kwargs)
+    resumed.load_state_dict(state)
+    assert resumed.param_groups[0]["cycle_position"] == 7
+    closure2 = closure_for(resumed)
+    for _ in range(25):
+        resumed.step(closure2)
+    assert torch.equal(w.detach(), expected)
