@@ -386,3 +386,66 @@ def test_gpu_suite_records_a_failed_step_skips_what_depends_on_it_and_exits_1(tm
     assert all("SKIPPED" in rows[step] for step in GPU_STEPS[1:])
     assert "overall: FAIL (1 step(s) failed or timed out)" in summary
     assert (tmp_path / "out" / "logs").is_dir()
+
+
+# --------------------------------------------------------------------------------------------------------
+# reproduce fig1, fig2, fig4 (row diagnostics of an MLP on digits), tiny sizes
+
+_TINY_ROWS = ("--hidden", "16,8", "--samples", "160")
+
+
+@pytest.mark.parametrize("figure", ["fig1", "fig2", "fig4"])
+def test_reproduce_row_figures_write_json_and_png(tmp_path, figure):
+    quiet = ("--quiet",) if figure != "fig1" else ()
+    out = run_cli("reproduce", figure, *_TINY_ROWS, "--out", tmp_path / "r", *quiet)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r" / f"{figure}.json").read_text())
+    assert results["meta"]["figure"] == figure and results["meta"]["model"].startswith("64-16-8-10")
+    assert results["meta"]["n_train"] + results["meta"]["n_test"] == 160
+    milestones = {"fig1": [0.3, 0.5], "fig2": [0.3, 0.5], "fig4": [0.2, 0.5, 0.8]}[figure]
+    assert results["meta"]["milestones"] == milestones and len(results["stages"]) == len(milestones)
+    assert (tmp_path / "r" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
+    assert out.stdout.startswith(f"{figure}: 64-16-8-10 MLP") and "summary:" in out.stdout
+    if figure == "fig1":
+        assert "Spearman" in out.stdout and "wrote" in out.stdout
+        assert "Figure 1" in out.stderr and "run" in out.stderr  # the tqdm bar (not --quiet)
+    else:
+        assert "slope" in out.stdout and "wrote" not in out.stdout
+        assert out.stderr == ""
+
+
+def test_reproduce_fig2_without_plot_on_the_multiscale_generator(tmp_path):
+    out = run_cli("reproduce", "fig2", "--dataset", "multiscale", "--hidden", "8,4", "--samples", "80",
+                  "--milestones", "0.99", "--max-steps", "2", "--no-plot", "--quiet", "--out", tmp_path)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "fig2.json").read_text())
+    assert results["meta"]["dataset"] == "multiscale" and results["meta"]["steps_trained"] == 2
+    assert results["stages"][0]["reached"] is False and not (tmp_path / "fig2.png").exists()
+    assert "not reached" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["reproduce", "fig2", "--hidden", "16"], "give two widths or more"),
+        (["reproduce", "fig1", "--hidden", "16,x"], "--hidden '16,x' must be comma-separated integers"),
+        (["reproduce", "fig1", "--hidden", "0"], "integers >= 1"),
+        (["reproduce", "fig4", "--milestones", "0.5,0.3"], "ascending test accuracies"),
+        (["reproduce", "fig1", "--milestones", "1.5"], "ascending test accuracies"),
+        (["reproduce", "fig1", "--lr", "0"], "--lr must be > 0"),
+        (["reproduce", "fig1", "--max-steps", "0"], "--max-steps must be >= 1"),
+        (["reproduce", "fig1", "--samples", "3"], "--samples must be >= 8"),
+        (["reproduce", "fig2", "--samples", "100000", "--no-plot"], "num_samples must be an integer in [8, 1797]"),
+    ],
+)
+def test_reproduce_row_figure_mistakes_give_one_line(argv, needle, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path), "--quiet"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith(f"mrgd-ext reproduce {argv[1]}: error:") and needle in line
+
+
+def test_reproduce_row_figure_without_matplotlib_says_what_to_install(tmp_path):
+    out = run_blocking("matplotlib", "reproduce", "fig4", "--out", tmp_path)
+    assert out.returncode == 2
+    line = one_line_error(out.stderr)
+    assert "needs matplotlib" in line and "--no-plot" in line

@@ -17,6 +17,7 @@ from mrgd_ext.density import SpectralDensity, TraceEstimate, hutchinson_trace, s
 from mrgd_ext.scales import detect_scales
 from mrgd_ext.curvature import CurvatureEstimate, estimate_curvature, plan_from_estimate
 from mrgd_ext.auto import AutoMrGD
+from mrgd_ext import data, diagnostics  # noqa: E402  (submodules: mrgd_ext.data.load_digits(), ...)
 
 __all__ = [
     "__version__",

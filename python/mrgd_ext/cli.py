@@ -8,7 +8,8 @@ Subcommands:
   info       what this build of mrgd_ext contains.
   spectrum   top-k Hessian eigenvalues (block Lanczos), the spectral density (SLQ) and the detected
              eigenvalue groups, for a built-in model and data set or for a user's Python file.
-  reproduce  the paper reproductions that this package carries (fig3): JSON, markdown and a PNG.
+  reproduce  the paper reproductions that this package carries: fig3 (JSON, markdown and a PNG); fig1, fig2,
+             fig4 (gradient rows and row-Hessian spectra of an MLP at training stages; JSON and a PNG).
   bench      the benchmark suite of a source checkout (benchmarks/run_all.py), or a quick subset.
 
 User mistakes (and a missing optional dependency) print one line on stderr and exit with status 2; no
@@ -522,6 +523,88 @@ def _cmd_reproduce_fig3(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Row-diagnostics reproductions: figure -> (function name, plot name, default milestones, title).
+ROW_FIGURES = {
+    "fig1": ("figure1", "figure1_plot", "0.3,0.5", "Figure 1"),
+    "fig2": ("figure2", "figure2_plot", "0.3,0.5", "Figure 2"),
+    "fig4": ("figure4", "figure4_plot", "0.2,0.5,0.8", "Figure 4"),
+}
+
+
+def _parse_floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text!r} must be comma-separated numbers") from None
+    if not values:
+        raise UsageError(f"{option} is empty")
+    return values
+
+
+def _parse_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text!r} must be comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} {text!r} must be one or more integers >= 1")
+    return values
+
+
+def _cmd_reproduce_rows(args: argparse.Namespace) -> int:
+    """fig1, fig2, fig4: gradient rows and row-Hessian spectra of an MLP at training stages."""
+    func_name, plot_name, _, title = ROW_FIGURES[args.figure]
+    hidden = _parse_ints(args.hidden, "--hidden")
+    if args.figure != "fig1" and len(hidden) < 2:
+        raise UsageError(f"--hidden {args.hidden!r}: {args.figure} looks at the second hidden layer, give two widths "
+                         "or more")
+    milestones = _parse_floats(args.milestones or ROW_FIGURES[args.figure][2], "--milestones")
+    if any(not 0 < m <= 1 for m in milestones) or milestones != sorted(milestones):
+        raise UsageError(f"--milestones {args.milestones!r} must be ascending test accuracies in (0, 1]")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be > 0, got {args.lr:g}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.samples is not None and args.samples < 8:
+        raise UsageError(f"--samples must be >= 8 (a train and a test part), got {args.samples}")
+    out = _out_dir(args.out)
+    if not args.no_plot:
+        _require("matplotlib", "matplotlib", f"the {title} plot", "plot", "pass --no-plot")
+    if args.dataset == "digits":
+        _require("sklearn", "scikit-learn", f"{title} on the digits data (load_digits)")
+
+    import torch
+
+    from mrgd_ext import diagnostics
+
+    # One thread: a few seconds with the defaults either way, and timings independent of other load (two
+    # OpenMP threads competing with another process on two cores can be many times slower than one).
+    torch.set_num_threads(1)
+    kwargs: dict[str, Any] = {"dataset": args.dataset, "hidden": tuple(hidden), "milestones": tuple(milestones),
+                              "lr": args.lr, "max_steps": args.max_steps, "num_samples": args.samples,
+                              "seed": args.seed}
+    if args.figure == "fig1":
+        kwargs["center"] = not args.uncentered
+    say = (lambda *a: None) if args.quiet else print
+    start = time.perf_counter()
+    bar = _progress(2 * len(milestones), title, args.quiet)
+    try:
+        results = getattr(diagnostics, func_name)(progress=_ticker(bar), **kwargs)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{args.figure}.json"]
+    written[0].write_text(json.dumps(results) + "\n")
+    if not args.no_plot:
+        written.append(out / f"{args.figure}.png")
+        getattr(diagnostics, plot_name)(results, written[-1])
+    print(diagnostics.figure_text_summary(results))
+    say(f"wrote {', '.join(str(p) for p in written)} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------
 # bench
 
@@ -656,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     spectrum.add_argument("--quiet", action="store_true", help="print only the tables; no progress bars")
     spectrum.set_defaults(func=_cmd_spectrum)
 
-    reproduce = sub.add_parser("reproduce", help="paper reproductions with plots (fig3)",
+    reproduce = sub.add_parser("reproduce", help="paper reproductions with plots (fig1, fig2, fig3, fig4)",
                                description="Reproductions of the paper's experiments, written to a folder.")
     rsub = reproduce.add_subparsers(dest="figure", metavar="FIGURE")
     rsub.required = True
@@ -674,6 +757,45 @@ def build_parser() -> argparse.ArgumentParser:
     fig3.add_argument("--no-plot", action="store_true", help="do not write fig3.png (no matplotlib needed)")
     fig3.add_argument("--quiet", action="store_true", help="print only the table; no progress bars")
     fig3.set_defaults(func=_cmd_reproduce_fig3)
+    descriptions = {
+        "fig1": ("magnitudes of the loss gradient w.r.t. first-layer weight rows vs the data's principal values",
+                 ("Figure 1: the gradient of the mean cross-entropy with respect to rows W1[0, :] and W1[i, :] of an "
+                  "MLP's first layer, raw and sorted, against the principal values of the data (scaled), at two "
+                  "training stages; summary: rank and log correlation of the gradient's components in the data's "
+                  "principal basis with the principal values.")),
+        "fig2": ("eigenvalues of the Hessian w.r.t. one weight row of layers 1 and 2 vs the input spectrum",
+                 ("Figure 2: eigenvalues (sorted by magnitude, natural log) of the Hessian of the loss with respect "
+                  "to single rows of W1 and W2 at two training stages, against the spectrum of each layer's "
+                  "input.")),
+        "fig4": ("eigenvalues of the second hidden layer's row Hessians at three training stages",
+                 ("Figure 4: eigenvalues of the Hessian with respect to rows of W2 (second hidden layer) at three "
+                  "training stages (test accuracy 20%, 50%, 80%), against the spectrum of the layer's input.")),
+    }
+    for name, (short, long) in descriptions.items():
+        fig = rsub.add_parser(
+            name, help=f"{short} (JSON, PNG)",
+            description=f"{long} The MLP (in-1024-128-10, ReLU) is trained full-batch with lr 0.1 on the mean "
+                        f"cross-entropy; stages are the first steps the test accuracy reaches each milestone. "
+                        f"Writes {name}.json and {name}.png to --out. Seconds on 2 CPU cores with the defaults.",
+        )
+        fig.add_argument("--dataset", default="digits", choices=["digits", "multiscale"],
+                         help="scikit-learn digits (default) or a generated multiscale classification set")
+        fig.add_argument("--hidden", default="1024,128", help="hidden widths, comma-separated (default 1024,128)")
+        fig.add_argument("--milestones", default=None,
+                         help=f"test accuracies that define the stages (default {ROW_FIGURES[name][2]})")
+        fig.add_argument("--lr", type=float, default=0.1, help="learning rate of full-batch GD (default 0.1)")
+        fig.add_argument("--max-steps", type=int, default=None,
+                         help="training budget (default 3000 on digits, 500 on multiscale)")
+        fig.add_argument("--samples", type=int, default=None,
+                         help="use a seeded subset of this many samples (train + test; default all)")
+        fig.add_argument("--seed", type=int, default=0, help="seed of the model, the split and the rows (default 0)")
+        if name == "fig1":
+            fig.add_argument("--uncentered", action="store_true",
+                             help="principal basis of the raw data instead of the centred data")
+        fig.add_argument("--out", default="mrgd_reproduce", help="output folder (default ./mrgd_reproduce)")
+        fig.add_argument("--no-plot", action="store_true", help=f"do not write {name}.png (no matplotlib needed)")
+        fig.add_argument("--quiet", action="store_true", help="print only the summary; no progress bars")
+        fig.set_defaults(func=_cmd_reproduce_rows)
 
     bench = sub.add_parser(
         "bench", help="run the benchmark suite of a source checkout (or a --quick subset)",
