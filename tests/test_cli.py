@@ -449,3 +449,29 @@ def test_reproduce_row_figure_without_matplotlib_says_what_to_install(tmp_path):
     assert out.returncode == 2
     line = one_line_error(out.stderr)
     assert "needs matplotlib" in line and "--no-plot" in line
+
+
+def test_reproduce_blog_end_to_end(tmp_path):
+    out = tmp_path / "walk"
+    proc = run_cli("reproduce", "blog", "--samples", "300", "--dims", "4,4,8", "--max-iter", "300", "--out",
+                   str(out), "--quiet", "--no-plot")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "blog.json").read_text())
+    # One measured group per block, at the exact group ends: SLQ runs n steps here, so its nodes are the
+    # eigenvalues up to the loss of orthogonality of Lanczos without reorthogonalisation (measured 2e-4
+    # relative at worst on this 16-dim problem; 1e-3 is far below the 10x gaps between groups).
+    assert len(results["hessian"]["measured_groups"]) == 3
+    for measured, exact in zip(results["hessian"]["measured_groups"], results["hessian"]["exact_groups"]):
+        assert measured == pytest.approx(exact, rel=1e-3)
+    runs = {r["method"]: r for r in results["training"]}
+    assert runs["AutoMrGD subspace"]["iterations"] is not None
+    assert runs["AutoMrGD temporal"]["iterations"] is not None
+    assert "## 4. Training" in (out / "blog.md").read_text()
+
+
+def test_reproduce_blog_mistakes_are_one_line():
+    proc = run_cli("reproduce", "blog", "--dims", "4,4", "--scales", "1,0.1,0.01")
+    assert proc.returncode == 2
+    assert "--dims has 2 blocks" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("reproduce", "blog", "--scales", "0.1,1,0.01")
+    assert proc.returncode == 2 and "descending" in proc.stderr
