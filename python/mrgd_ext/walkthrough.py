@@ -18,6 +18,7 @@ the loss gap against iterations.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import time
@@ -99,7 +100,11 @@ def blog(
     say = progress or (lambda _msg: None)
     X, y, info = multiscale_regression(num_samples, dims, scales, noise=0.01, seed=seed, dtype=torch.float64)
     data = info["data"]
-    results: dict[str, Any] = {"settings": {"num_samples": num_samples, "dims": list(dims), "scales": list(scales),
+    from mrgd_ext.reproduce import _machine
+
+    results: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                               "machine": _machine(),
+                               "settings": {"num_samples": num_samples, "dims": list(dims), "scales": list(scales),
                                             "tol": tol, "max_iter": max_iter, "seed": seed}}
 
     # 1. The data are multiscale: principal values per block against the prescribed scales.
@@ -172,6 +177,9 @@ def blog_markdown(results: dict[str, Any]) -> str:
     """The walkthrough as a short markdown report."""
     s = results["settings"]
     lines = ["# Multiscale data, multiscale Hessian, multirate descent", ""]
+    m = results.get("machine", {})
+    if m:
+        lines += [f"date: {results.get('date', '?')}; " + ", ".join(f"{k}: {v}" for k, v in m.items()), ""]
     lines.append(f"Least squares on {s['num_samples']} samples of a multiscale generator: blocks {s['dims']} at data "
                  f"scales {s['scales']} (Hessian scales {[round(e * e, 12) for e in s['scales']]}), random rotation.")
     lines += ["", "## 1. The data are multiscale", "", "| block | prescribed scale | principal values (min..max) |",
