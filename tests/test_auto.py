@@ -315,3 +315,43 @@ def test_auto_state_dict_resumes_the_same_trajectory():
     for _ in range(25):
         resumed.step(closure2)
     assert torch.equal(w.detach(), expected)
+
+
+def test_auto_subspace_measures_the_curvature_left_outside_the_basis():
+    # Eight stiff eigenvalues (the basis), four just below them that no 10x gap separates from the Ritz
+    # values (12, 8, 4, 2), and a bulk at [0.02, 0.14]: the base rate must respect 12, not jump to the bulk.
+    lam = torch.cat([torch.linspace(64, 16, 8), torch.tensor([12.0, 8.0, 4.0, 2.0]),
+                     torch.linspace(0.14, 0.02, 488)]).double()
+    th = torch.ones(lam.numel(), dtype=torch.float64, requires_grad=True)
+    op = HessianOperator.from_closure(lambda p: 0.5 * (lam * p[0] ** 2).sum(), [th])
+    opt = AutoMrGD([th], op, mode="subspace", num_eigs=8)
+    _, _, base = opt._subspace_arguments(opt.estimate)
+    assert base * 12.0 < 1.0  # safe rule: 1 / (top of the rest, with margin) <= 1/12
+    assert base * 12.0 > 0.5  # ... and not needlessly small: the measured top is 12, margin 1.1
+    assert opt.events[0]["num_hvps"] > opt.estimate.num_hvps  # the deflated run is counted
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (lam * th**2).sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no back-off: the rates are right
+        for _ in range(100):
+            opt.step(closure)
+    # The basis and the four middle eigenvalues are resolved within 100 steps; what remains is the bulk
+    # (initial loss ~19 of 193, condition 12/0.02 at the safe base rate), so the loss drops below 5%.
+    assert float(closure().detach()) < 0.05 * float(0.5 * lam.sum())
+
+
+def test_auto_temporal_cycles_fit_the_refresh_interval():
+    eigs = _spectrum()
+    w, _w_star, _H, op, closure_for = _problem(eigs)
+    opt = AutoMrGD([w], op, density_order=eigs.size, max_groups=None, refresh_every=30, rate_rule="optimal")
+    assert opt.plan.cycle_length <= 30
+    unlimited = AutoMrGD([w], op, density_order=eigs.size, max_groups=None, refresh_every=10**6,
+                         rate_rule="optimal")
+    assert unlimited.plan.cycle_length > 30  # the cap changed the plan, it did not just happen to hold
+    with pytest.raises(ValueError, match="max_cycle_length"):
+        AutoMrGD([w], op, max_cycle_length=0)

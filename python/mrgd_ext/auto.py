@@ -41,8 +41,9 @@ from typing import Any
 import torch
 
 from mrgd_ext.curvature import CurvatureEstimate, estimate_curvature, plan_from_estimate, widen_top
+from mrgd_ext.lanczos import as_operator, lanczos
 from mrgd_ext.optim import MrGD
-from mrgd_ext.schedule import MultiratePlan, ScaleGroup
+from mrgd_ext.schedule import MultiratePlan, ScaleGroup, plan_multirate
 
 __all__ = ["AutoMrGD", "MODES"]
 
@@ -94,6 +95,7 @@ class AutoMrGD(MrGD):
         warm_start: start each re-measurement's Lanczos from the previous Ritz vectors.
         tol, strategy, rate_rule, lambda_max_margin: how to plan, see
             :func:`mrgd_ext.curvature.plan_from_estimate`. Defaults are conservative (NOTE: [gradient noise]).
+        max_cycle_length: longest cycle of rates a plan may have (default ``refresh_every``; NOTE: [cycle length]).
         lr_scale: multiplies every rate.
         loss_slack, max_loss_growth, check_every, backoff, max_backoffs, rollback: NOTE: [safety].
         weight_decay, maximize, foreach, fused: as for :class:`MrGD`.
@@ -128,6 +130,7 @@ class AutoMrGD(MrGD):
         strategy: str = "nested",
         rate_rule: str = "safe",
         lambda_max_margin: float = 1.1,
+        max_cycle_length: int | None = None,
         lr_scale: float = 1.0,
         loss_slack: float = 0.05,
         max_loss_growth: float | None = None,
@@ -211,6 +214,9 @@ class AutoMrGD(MrGD):
         self.estimate: CurvatureEstimate | None = None
         self.plan: MultiratePlan | None = None
         self._snapshot: list[torch.Tensor] | None = None
+        self._complement_top: float | None = None
+        self.max_cycle_length = self.refresh_every if max_cycle_length is None else _count(
+            max_cycle_length, "max_cycle_length", 1)
 
         estimate, plan = self._measure(params, step=0, reason="start")
         super().__init__(
@@ -253,13 +259,16 @@ class AutoMrGD(MrGD):
         estimate = estimate_curvature(
             self.hessian, start=start, seed=self.seed + len(self.events), **self._measure_kwargs
         )
-        plan = plan_from_estimate(estimate, lambda_max_margin=self.lambda_max_margin, **self._plan_kwargs)
+        plan = self._plan(estimate)
+        extra_hvps = 0
+        if self.mode == "subspace":
+            self._complement_top, extra_hvps = self._measure_complement(estimate)
         self.estimate, self.plan = estimate, plan
         self.events.append({
             "step": step,
             "kind": "estimate" if reason in ("start", "refresh") else "backoff",
             "reason": reason,
-            "num_hvps": estimate.num_hvps,
+            "num_hvps": estimate.num_hvps + extra_hvps,
             "seconds": time.perf_counter() - t0,
             "groups": [[g.a, g.b] for g in estimate.groups],
             "lambda_max": estimate.lambda_max,
@@ -268,14 +277,50 @@ class AutoMrGD(MrGD):
         })
         return estimate, plan
 
+    def _plan(self, estimate: CurvatureEstimate) -> MultiratePlan:
+        # NOTE: [cycle length]
+        # A cycle damps what its large steps amplify only when it completes, and loss checks and
+        # re-measurements wait for cycle starts; so no cycle may be longer than max_cycle_length (default
+        # refresh_every). When no multirate plan fits, the groups are merged into one interval (a cycle
+        # of one rate, or a short Chebyshev cycle): slower, never unchecked.
+        try:
+            return plan_from_estimate(estimate, lambda_max_margin=self.lambda_max_margin,
+                                      max_cycle_length=self.max_cycle_length, **self._plan_kwargs)
+        except ValueError:
+            groups = widen_top(estimate.groups, self.lambda_max_margin)
+            merged = [ScaleGroup(groups[-1].a, groups[0].b)]
+            return plan_multirate(merged, max_cycle_length=self.max_cycle_length, **self._plan_kwargs)
+
+    def _measure_complement(self, estimate: CurvatureEstimate) -> tuple[float | None, int]:
+        # NOTE: [complement curvature]
+        # The largest eigenvalue outside the basis decides the base rate, and it is not known from the
+        # groups: the density's nodes just below the Ritz values often fall under its weight floor, so a
+        # group "closed" by the smallest Ritz value may continue below it. It is measured instead, by a short
+        # Lanczos run on the deflated operator (I - U^T U) H (I - U^T U) (tolerance 1e-2, at most 20 products),
+        # and raised by lambda_max_margin plus its residual estimate: Krylov values approach from below.
+        U = estimate.eigenvectors
+        if U is None or U.shape[0] >= U.shape[1]:
+            return None, 0
+        op = as_operator(self.hessian)
+
+        def deflated(V: torch.Tensor) -> torch.Tensor:
+            V = V - (V @ U.T) @ U
+            W = op.matmat(V)
+            return W - (W @ U.T) @ U
+
+        res = lanczos(deflated, 1, block_size=1, n=op.n, dtype=op.dtype, device=op.device, tol=1e-2,
+                      max_iters=min(20, op.n - U.shape[0]), seed=self.seed + len(self.events),
+                      recompute_residuals=False)
+        top = float(res.eigenvalues[0]) * self.lambda_max_margin + float(res.residual_estimates[0])
+        return top, res.num_hvps
+
     def _subspace_arguments(self, estimate: CurvatureEstimate) -> tuple[torch.Tensor, list[float], float]:
         """Basis (top Ritz vectors), their groups' rates and the rate of the rest (NOTE: [subspace rates])."""
         # NOTE: [subspace rates]
         # Each Ritz vector takes the rate of the measured group its Ritz value lies in (top group widened by
-        # the margin). The complement of the basis holds the eigenvalues below the smallest Ritz value
-        # theta_k (lambda_{k+1} <= lambda_k, and theta_k approximates lambda_k), or below the next group
-        # when theta_k closes its group; it takes the rate of [a_min, that top]: by the safe rule 1/top, a
-        # rate far beyond 2/lambda_max when the basis holds the stiff groups.
+        # the margin). The complement of the basis takes the rate of [a_min, top], top = its own largest
+        # eigenvalue, measured (NOTE: [complement curvature]); by the safe rule 1/top, a rate far beyond
+        # 2/lambda_max when the basis holds the stiff groups.
         rule = self._plan_kwargs["rate_rule"]
         groups = widen_top(estimate.groups, self.lambda_max_margin)
         thetas = [float(t) for t in estimate.eigenvalues]
@@ -291,13 +336,8 @@ class AutoMrGD(MrGD):
         lowest = self._measure_kwargs["floor"] * estimate.lambda_max
         positive = [t for t in thetas if t > 0]
         top_rest = max(min(positive), lowest) if positive else groups[-1].b
-        # When the smallest Ritz value sits at the lower end of its group, the basis holds that whole group
-        # and the rest of the spectrum starts at the next group down.
-        for i, g in enumerate(groups):
-            if g.a <= top_rest <= g.b:
-                if top_rest <= g.a * (1.0 + 1e-3) and i + 1 < len(groups):
-                    top_rest = groups[i + 1].b
-                break
+        if self._complement_top is not None:
+            top_rest = max(self._complement_top, lowest)
         low = min(groups[-1].a, top_rest)
         base = _rate(ScaleGroup(low, top_rest), rule)
         basis = estimate.eigenvectors.to(self.basis_dtype)

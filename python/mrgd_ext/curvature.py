@@ -175,7 +175,11 @@ def plan_from_estimate(
     strategy: str = "nested",
     rate_rule: str = "safe",
     lambda_max_margin: float = 1.1,
+    max_cycle_length: int = 1_000_000,
 ) -> MultiratePlan:
-    """A :class:`mrgd_ext.MultiratePlan` for the measured groups (``lambda_max`` widened by the margin)."""
+    """A :class:`mrgd_ext.MultiratePlan` for the measured groups (``lambda_max`` widened by the margin).
+
+    ``max_cycle_length`` is passed to :func:`mrgd_ext.plan_multirate` (which raises ``ValueError`` when no plan
+    fits)."""
     return plan_multirate(widen_top(estimate.groups, float(lambda_max_margin)), tol=tol, strategy=strategy,
-                          rate_rule=rate_rule)
+                          rate_rule=rate_rule, max_cycle_length=max_cycle_length)
