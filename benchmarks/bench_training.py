@@ -48,10 +48,10 @@ temporal safe/optimal/auto, subspace rates group and ritz). Step budget 10000 (`
 Wall time: ``time.perf_counter`` around each optimizer step (closure included) plus the optimizer's
 construction; the test-accuracy evaluations at the record points are not counted. Each problem first runs an
 untimed warm-up of every optimizer kind (a few steps, one small AutoMrGD construction). The machine is shared
-and noisy, so the decisive pair of the spec check (best GD rate, fastest MrGD setting) is re-run
+and noisy, so the decisive pair of the target check (best GD rate, fastest MrGD setting) is re-run
 ``--repeats`` times in total, alternating, each run stopping at the target, and the check uses the medians.
 
-Target check (spec): "MrGD (auto or subspace) reaches the target loss in <= 0.5x the wall time of the best grid
+Target check: "MrGD (auto or subspace) reaches the target loss in <= 0.5x the wall time of the best grid
 learning rate for GD, estimation included, on both multiscale problems". The target loss of an MLP problem is
 the final training loss of the best GD run (lowest final training loss over the grid) within the budget; the
 time to target of a run is the wall time at the first iterate whose training loss is <= the target. The best
@@ -100,7 +100,7 @@ PROBLEMS = ("digits", "multiscale", "logreg")
 MLP_PROBLEMS = ("digits", "multiscale")
 METHODS = ("gd", "heavy_ball", "adam", "mrgd_temporal", "mrgd_subspace")
 MRGD_METHODS = ("mrgd_temporal", "mrgd_subspace")
-SPEC_TARGET = ("MrGD (auto or subspace) reaches the target loss in <= 0.5x the wall time of the best grid "
+TARGET = ("MrGD (auto or subspace) reaches the target loss in <= 0.5x the wall time of the best grid "
                "learning rate for GD, estimation included, on both multiscale problems")
 #: JSON keys every result file has (the smoke test checks them).
 TOP_KEYS = ("machine", "torch_version", "date", "settings", "problems", "checks", "runtime_s")
@@ -829,7 +829,7 @@ def logreg_markdown(res: dict) -> str:
 
 
 def logreg_check(res: dict) -> dict:
-    """The spec check on the logistic regression: wall time to the target of the fastest MrGD run against the
+    """The target check on the logistic regression: wall time to the target of the fastest MrGD run against the
     best GD rate. A GD run that never reaches the target within the budget needed more than its whole wall
     time, so the ratio against it is an upper bound."""
     runs = res["runs"]
@@ -861,7 +861,7 @@ def logreg_check(res: dict) -> dict:
 
 
 def checks_markdown(checks: dict) -> str:
-    md = ["## Spec check", "", f"Spec: \"{SPEC_TARGET}\".", ""]
+    md = ["## Target check", "", f"Target: \"{TARGET}\".", ""]
     for name, c in checks["per_problem"].items():
         if "line" in c:
             line = c["line"]
@@ -973,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logreg-steps", type=int, default=None, help="logistic-regression step budget (default 10000; "
                     "--quick 300)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="runs of the decisive pair for the spec check, medians reported (default 3; --quick 1)")
+                    help="runs of the decisive pair for the target check, medians reported (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: on a shared 2-core machine two threads that compete "
                          "with other processes slow every kernel by an order of magnitude, and the timings with them)")
@@ -1011,7 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
             per_problem[name] = logreg_check(payload_logreg := {k: v for k, v in results[name].items()
                                                                  if not k.startswith("_")})
             del payload_logreg
-    checks = {"spec": SPEC_TARGET, "per_problem": per_problem,
+    checks = {"target": TARGET, "per_problem": per_problem,
               "pass": bool(per_problem) and all(c["pass"] for c in per_problem.values())
               and all(p in per_problem for p in MLP_PROBLEMS),
               "complete": all(p in per_problem for p in MLP_PROBLEMS)}

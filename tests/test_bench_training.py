@@ -41,7 +41,7 @@ def test_quick_writes_json_and_markdown(quick_result):
     assert payload["settings"]["quick"] is True
     assert set(payload["problems"]) == set(bench_training.PROBLEMS)
     md = (out / "training_cpu.md").read_text()
-    # The spec check is printed plainly, one verdict per multiscale problem.
+    # The target check is printed plainly, one verdict per multiscale problem.
     for name in bench_training.MLP_PROBLEMS:
         assert f"**{name}: PASS**" in md or f"**{name}: FAIL**" in md
     assert "**overall: " in md
