@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU suite for a machine with an NVIDIA GPU, a CUDA build of torch and no network (no pip index):
 # build mrgd_ext with its CUDA kernels against the installed torch, run the CUDA tests, run a short CUDA test
-# subset under compute-sanitizer (memcheck; racecheck for the shared-memory subspace projection) when it is
-# on PATH, then the GPU benchmarks. Everything is logged into OUT_DIR; OUT_DIR/summary.txt says what ran.
+# subset under compute-sanitizer (memcheck; racecheck for the shared-memory subspace projection and Lanczos
+# orthogonalisation) when it is on PATH, then the GPU benchmarks. Everything is logged into OUT_DIR;
+# OUT_DIR/summary.txt says what ran.
 #
 # usage: benchmarks/gpu_suite.sh [--dry-run] [--skip-build] [--budget SECONDS] OUT_DIR
 #   --dry-run     print the steps and their commands, run nothing, write nothing
@@ -62,8 +63,8 @@ if [[ -z $py ]]; then
   exit 2
 fi
 
-MEMCHECK_K=${MRGD_MEMCHECK_K:-"(multirate_step_cuda_matches and (odd or chunky or lots) and dtype0]) or (multirate_step_cuda_matches and offset1 and odd and dtype2]) or (subspace_project_cuda_matches and (odd or chunky) and dtype0] and basis_dtype1-) or (subspace_step_cuda_matches and (odd or chunky) and dtype0] and basis_dtype1-)"}
-RACECHECK_K=${MRGD_RACECHECK_K:-"subspace_project_cuda_matches and (odd or chunky or lots) and dtype0] and basis_dtype0-"}
+MEMCHECK_K=${MRGD_MEMCHECK_K:-"(multirate_step_cuda_matches and (odd or chunky or lots) and dtype0]) or (multirate_step_cuda_matches and offset1 and odd and dtype2]) or (subspace_project_cuda_matches and (odd or chunky) and dtype0] and basis_dtype1-) or (subspace_step_cuda_matches and (odd or chunky) and dtype0] and basis_dtype1-) or block_orthogonalize_cuda_other_round_counts or block_orthogonalize_cuda_edges or (block_orthogonalize_cuda_matches_truth and 1001-)"}
+RACECHECK_K=${MRGD_RACECHECK_K:-"(subspace_project_cuda_matches and (odd or chunky or lots) and dtype0] and basis_dtype0-) or (block_orthogonalize_cuda_matches_truth and 1001-f32) or block_orthogonalize_cuda_other_round_counts"}
 
 suite_start=$SECONDS
 deadline=$((suite_start + budget))
@@ -301,11 +302,11 @@ else
     step_note="subset: MRGD_MEMCHECK_K"
     run_step memcheck 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 MRGD_REQUIRE_CUDA=1 "$sanitizer" --tool memcheck \
       --error-exitcode 99 --report-api-errors no --leak-check no --print-limit 50 \
-      "$py" -m pytest "${pytest_args[@]}" -x tests/test_cuda_kernels.py -k "$MEMCHECK_K"
+      "$py" -m pytest "${pytest_args[@]}" -x tests/test_cuda_kernels.py tests/test_block_orthogonalize.py -k "$MEMCHECK_K"
     step_note="subset: MRGD_RACECHECK_K"
     run_step racecheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 MRGD_REQUIRE_CUDA=1 "$sanitizer" --tool racecheck \
       --racecheck-report all --error-exitcode 99 --report-api-errors no --print-limit 50 \
-      "$py" -m pytest "${pytest_args[@]}" -x tests/test_cuda_kernels.py -k "$RACECHECK_K"
+      "$py" -m pytest "${pytest_args[@]}" -x tests/test_cuda_kernels.py tests/test_block_orthogonalize.py -k "$RACECHECK_K"
   else
     skip memcheck "compute-sanitizer is not on PATH"
     skip racecheck "compute-sanitizer is not on PATH"

@@ -83,7 +83,7 @@ assert "9.0" in info["cuda_archs"], f"unexpected cuda_archs {info['cuda_archs']!
 assert info["torch_version"] == torch.__version__, (info["torch_version"], torch.__version__)
 
 missing = []
-for op in ("multirate_step_", "subspace_project", "subspace_step_"):
+for op in ("multirate_step_", "subspace_project", "subspace_step_", "block_orthogonalize_"):
     for key in ("CPU", "CUDA"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"mrgd_ext::{op}", key):
             missing.append(f"mrgd_ext::{op} [{key}]")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import pytest
 import torch
@@ -228,14 +229,141 @@ def test_has_kernel_reports_cpu():
     assert not ops.has_block_orthogonalize_kernel("xla")
 
 
+# ---- CUDA kernel (csrc/cuda/block_orthogonalize.cu); the same bounds as the CPU kernel, whose per-lane sums
+# are no longer than the CPU's sub-chunk sums (NOTE: [tolerances of the orthogonalisation tests]).
+
+
+def _skip_without_cuda_kernel():
+    # MRGD_REQUIRE_CUDA=1 (the GPU suite) turns a missing device or kernel into a failure, as in
+    # tests/test_cuda_kernels.py.
+    missing = None
+    if not torch.cuda.is_available():
+        missing = "needs a CUDA device"
+    elif not ops.has_block_orthogonalize_kernel("cuda"):
+        missing = "this build has no CUDA block_orthogonalize_ kernel"
+    if missing is not None:
+        if os.environ.get("MRGD_REQUIRE_CUDA") == "1":
+            pytest.fail(f"MRGD_REQUIRE_CUDA=1 but {missing}")
+        pytest.skip(missing)
+
+
+def _cuda_case(Q, V, rounds, what):
+    Vk = V.cuda()
+    out = ops.block_orthogonalize_(Q.cuda(), Vk, rounds)
+    assert all(t.device.type == "cuda" for t in out)
+    check_against_truth(Q, V, Vk.cpu(), *(t.cpu() for t in out), rounds, what)
+    return Vk, out
+
+
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_truth_when_a_kernel_exists():
-    if not ops.has_block_orthogonalize_kernel("cuda"):
-        pytest.skip("this build has no CUDA block_orthogonalize_ kernel")
-    for dtype in (torch.float32, torch.float64):
-        for n, m, b in [(1, 1, 1), (1001, 5, 3), (100003, 33, 8)]:
-            Q, V = make_inputs(n, m, b, dtype)
-            Vk = V.cuda()
-            out = ops.block_orthogonalize_(Q.cuda(), Vk, 2)
-            check_against_truth(Q, V, Vk.cpu(), *(t.cpu() for t in out), 2, f"cuda n={n} m={m} b={b}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n", SIZES_N)
+def test_block_orthogonalize_cuda_matches_truth(dtype, n):
+    _skip_without_cuda_kernel()
+    # b covers every register bucket of the kernel (1, 4, 8, 16, 32) and values between them.
+    for m in SIZES_M:
+        if m > n:
+            continue
+        for b in (1, 3, 8, 17, 32):
+            if n > 10**4 and (m, b) not in LARGE_N_CASES | {(33, 32)}:
+                continue
+            Q, V = make_inputs(n, m, b, dtype, seed=n + 7 * m + b)
+            _cuda_case(Q, V, 2, f"cuda n={n} m={m} b={b} {dtype}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("rounds", [0, 1, 3])
+def test_block_orthogonalize_cuda_other_round_counts(dtype, rounds):
+    _skip_without_cuda_kernel()
+    Q, V = make_inputs(1001, 5, 3, dtype, seed=rounds)
+    Vk, out = _cuda_case(Q, V, rounds, f"cuda rounds={rounds}")
+    if rounds == 0:
+        assert torch.equal(Vk.cpu(), V) and not out[0].any()
+
+
+@pytest.mark.cuda
+def test_block_orthogonalize_cuda_many_chunks_per_block():
+    # b = 8 float32 rows give chunks of 1024 columns; 1.5M columns are ~1465 chunks, more than the grid's
+    # 1024 blocks, so some blocks take two chunks and add into their slots twice.
+    _skip_without_cuda_kernel()
+    Q, V = make_inputs(1_500_007, 5, 8, torch.float32, seed=2)
+    _cuda_case(Q, V, 2, "cuda n=1.5M m=5 b=8")
+
+
+@pytest.mark.cuda
+def test_block_orthogonalize_cuda_restores_orthogonality():
+    _skip_without_cuda_kernel()
+    Q, V = make_inputs(20011, 16, 4, torch.float64, seed=3, near_span=True)
+    Qc = Q.cuda()
+    results = {}
+    for rounds in (1, 2):
+        Vk = V.cuda()
+        ops.block_orthogonalize_(Qc, Vk, rounds)
+        results[rounds] = ((Qc @ Vk.T).abs().max(dim=0).values / Vk.norm(dim=1)).max().item()
+    assert results[2] <= 100 * U64 * math.sqrt(16) < results[1]
+
+
+@pytest.mark.cuda
+def test_block_orthogonalize_cuda_deterministic_and_strided():
+    _skip_without_cuda_kernel()
+    Q, V = make_inputs(300007, 9, 5, torch.float32, seed=11)
+    Qc = Q.cuda()
+    runs = []
+    for _ in range(2):
+        Vk = V.cuda()
+        runs.append((Vk, *ops.block_orthogonalize_(Qc, Vk, 2)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), "two CUDA calls on the same inputs differ bitwise"
+    # Row slices of wider buffers: same result, padding untouched.
+    n = Q.shape[1]
+    Qw = torch.zeros(9, n + 17, device="cuda")
+    Qw[:, :n] = Qc
+    Vw = torch.full((5, n + 5), 7.0, device="cuda")
+    Vw[:, :n] = V.cuda()
+    out = ops.block_orthogonalize_(Qw[:, :n], Vw[:, :n], 2)
+    assert torch.equal(Vw[:, :n], runs[0][0]) and torch.equal(out[0], runs[0][1]) and torch.equal(out[1], runs[0][2])
+    assert (Vw[:, n:] == 7.0).all(), "columns beyond n were written"
+
+
+@pytest.mark.cuda
+def test_block_orthogonalize_cuda_edges_and_bad_input():
+    _skip_without_cuda_kernel()
+    Q, V = make_inputs(9, 3, 0, torch.float64)
+    c, g, nr = ops.block_orthogonalize_(Q.cuda(), V.cuda(), 2)
+    assert c.shape == (0, 3) and g.shape == (0, 0) and nr.shape == (0,)
+    Q, V = make_inputs(1001, 0, 3, torch.float32)
+    Vk = V.cuda()
+    c, g, nr = ops.block_orthogonalize_(Q.cuda(), Vk, 2)
+    assert c.shape == (3, 0) and torch.equal(Vk.cpu(), V)
+    torch.testing.assert_close(g.cpu(), V.double() @ V.double().T, rtol=1e-6, atol=1e-3)
+    c, g, nr = ops.block_orthogonalize_(torch.zeros(0, 0, device="cuda"), torch.zeros(4, 0, device="cuda"), 2)
+    assert c.shape == (4, 0) and not g.any() and not nr.any()
+    Q, V = make_inputs(50, 3, 33, torch.float32)
+    with pytest.raises(ValueError, match="at most 32"):
+        ops.block_orthogonalize_(Q.cuda(), V.cuda(), 2)
+    with pytest.raises(RuntimeError, match="at most 32"):
+        torch.ops.mrgd_ext.block_orthogonalize_(Q.cuda(), V.cuda(), 2)
+    with pytest.raises(ValueError, match="basis is on"):
+        ops.block_orthogonalize_(Q, V[:3].cuda(), 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_orthogonalize_cuda_opcheck(dtype):
+    _skip_without_cuda_kernel()
+    Q, V = make_inputs(257, 5, 3, dtype)
+    torch.library.opcheck(torch.ops.mrgd_ext.block_orthogonalize_.default, (Q.cuda(), V.cuda(), 2))
+
+
+@pytest.mark.cuda
+def test_lanczos_with_the_cuda_kernel_matches_the_torch_composition():
+    _skip_without_cuda_kernel()
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(300, 300, generator=g, dtype=torch.float64)
+    A = (A @ A.T / 300).cuda()
+    runs = {o: mrgd_ext.lanczos(A, 6, block_size=4, tol=1e-10, seed=0, orthogonalize=o) for o in ("kernel", "torch")}
+    assert runs["kernel"].orthogonalizer == "kernel" and runs["torch"].orthogonalizer == "torch"
+    torch.testing.assert_close(runs["kernel"].eigenvalues, runs["torch"].eigenvalues, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="block_size=33"):
+        mrgd_ext.lanczos(A, 2, block_size=33, orthogonalize="kernel")

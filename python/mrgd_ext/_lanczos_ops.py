@@ -1,6 +1,7 @@
 """Python front of the Lanczos orthogonalisation operator ``torch.ops.mrgd_ext.block_orthogonalize_``.
 
-The kernel (csrc/cpu/block_orthogonalize.cpp; schema in csrc/lanczos_ops.cpp) fuses the per-iteration vector
+The kernels (csrc/cpu/block_orthogonalize.cpp, csrc/cuda/block_orthogonalize.cu; schema in
+csrc/lanczos_ops.cpp) fuse the per-iteration vector
 work of block Lanczos with full reorthogonalisation: ``rounds`` rounds of classical Gram-Schmidt of a block of
 new vectors against the basis, the Gram matrix of the result and the norms of the input, in ``rounds + 1``
 passes over the vectors' length. This module validates arguments (exceptions name the argument), registers
@@ -15,6 +16,9 @@ from mrgd_ext import _C  # noqa: F401  (loading the library registers the operat
 
 _OP = "mrgd_ext::block_orthogonalize_"
 _DTYPES = (torch.float32, torch.float64)
+#: Most rows of ``vectors`` one call of the CUDA kernel takes (each thread keeps a column of them in
+#: registers; csrc/cuda/block_orthogonalize.cu).
+CUDA_MAX_VECTORS = 32
 
 
 def has_block_orthogonalize_kernel(device_type: str) -> bool:
@@ -59,7 +63,8 @@ def block_orthogonalize_(
     the Gram matrix of the orthogonalised rows and the squared norms of the input rows (see
     :func:`mrgd_ext._lanczos_reference.block_orthogonalize`, which defines the result). Both tensors share
     one dtype (float32 or float64) and device; rows must be unit-stride (a row slice of a larger buffer is
-    fine); ``vectors`` must not share memory with ``basis``.
+    fine); ``vectors`` must not share memory with ``basis``. On CUDA at most ``CUDA_MAX_VECTORS`` rows of
+    ``vectors`` per call.
     """
     _check_rows(basis, "basis", "[m, n]")
     _check_rows(vectors, "vectors", "[b, n]")
@@ -73,6 +78,10 @@ def block_orthogonalize_(
         raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
     if vectors.numel() and basis.numel() and vectors.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr():
         raise ValueError("vectors must not share memory with basis (it is written in place)")
+    if vectors.device.type == "cuda" and vectors.shape[0] > CUDA_MAX_VECTORS:
+        raise ValueError(
+            f"vectors has {vectors.shape[0]} rows; the CUDA kernel takes at most {CUDA_MAX_VECTORS} per call"
+        )
     if not has_block_orthogonalize_kernel(vectors.device.type):
         raise RuntimeError(
             f"this mrgd_ext build has no block_orthogonalize_ kernel for {vectors.device.type}; use "

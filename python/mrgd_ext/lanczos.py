@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from mrgd_ext import _lanczos_reference
+from mrgd_ext._lanczos_ops import CUDA_MAX_VECTORS, has_block_orthogonalize_kernel
 from mrgd_ext._lanczos_ops import block_orthogonalize_ as _kernel_block_orthogonalize_
-from mrgd_ext._lanczos_ops import has_block_orthogonalize_kernel
 
 __all__ = ["lanczos", "LanczosResult", "WHICH", "ORTHOGONALIZERS"]
 
@@ -47,9 +47,11 @@ ORTHOGONALIZERS: tuple[str, ...] = ("auto", "kernel", "torch")
 # benchmarks/bench_lanczos_step.py times the fused kernel against the pure-torch composition (V Q^T,
 # V -= C Q twice, V V^T) on the CPU (benchmarks/results/lanczos_step_cpu.md): the kernel was faster in all
 # 30 measured shapes (n 1e5..4e6, m 16/64, b 1/4/8, float32 and float64; 1.0-1.5x at b = 1, 1.3-4.6x for
-# b >= 4, where BLAS handles the short-and-wide products poorly), so "auto" takes it on CPU. There is no
-# CUDA kernel, so on every other device "auto" takes the torch composition (cuBLAS), as the design asks
-# until a kernel beats it on the same device.
+# b >= 4, where BLAS handles the short-and-wide products poorly), so "auto" takes it on CPU. The CUDA
+# kernel (csrc/cuda/block_orthogonalize.cu) has not yet been timed against cuBLAS on a GPU
+# (`bench_lanczos_step.py --device cuda`, part of benchmarks/gpu_suite.sh), so on CUDA "auto" keeps the torch
+# composition and the kernel runs only when asked for (orthogonalize="kernel"), as the design asks until a
+# kernel beats the composition on the same device.
 _AUTO_KERNEL_DEVICES = ("cpu",)
 
 
@@ -185,7 +187,9 @@ class LanczosResult:
 # Orthogonalisation
 
 
-def _orthogonalizer(choice: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Callable]:
+def _orthogonalizer(
+    choice: str, device: torch.device, dtype: torch.dtype, block_size: int
+) -> tuple[str, Callable]:
     if choice not in ORTHOGONALIZERS:
         raise ValueError(f"orthogonalize must be one of {ORTHOGONALIZERS}, got {choice!r}")
     kernel_ok = dtype in (torch.float32, torch.float64) and has_block_orthogonalize_kernel(device.type)
@@ -193,6 +197,11 @@ def _orthogonalizer(choice: str, device: torch.device, dtype: torch.dtype) -> tu
         if not kernel_ok:
             raise ValueError(
                 f"orthogonalize='kernel': no block_orthogonalize_ kernel for {device.type}/{dtype} in this build"
+            )
+        if device.type == "cuda" and block_size > CUDA_MAX_VECTORS:
+            raise ValueError(
+                f"orthogonalize='kernel': the CUDA kernel takes blocks of at most {CUDA_MAX_VECTORS} vectors, "
+                f"got block_size={block_size}"
             )
         return "kernel", _kernel_block_orthogonalize_
     if choice == "auto" and kernel_ok and device.type in _AUTO_KERNEL_DEVICES:
@@ -397,7 +406,7 @@ def lanczos(
             ``floor(k/2)`` smallest.
         seed: seed of the CPU generator that draws the start block (and any deflation fill).
         orthogonalize: ``"auto"`` (the fused kernel where it was measured faster, NOTE: [orthogonaliser
-            choice]), ``"kernel"`` or ``"torch"``.
+            choice]), ``"kernel"`` (on CUDA: ``block_size`` <= 32) or ``"torch"``.
         recompute_residuals: recompute ``|H y - theta y|`` for the returned pairs (``k`` more applications).
         start: warm start, ``[s, n]`` vectors the first block is built from (e.g. the ``eigenvectors`` of
             an earlier run on a nearby operator). With ``s >= block_size`` the start block is ``block_size``
@@ -424,7 +433,7 @@ def lanczos(
     max_iters = _check_int(max_iters, "max_iters", 1)
     if A.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"op: Lanczos needs a float32 or float64 operator, got {A.dtype}")
-    kind, orth = _orthogonalizer(orthogonalize, A.device, A.dtype)
+    kind, orth = _orthogonalizer(orthogonalize, A.device, A.dtype, block_size)
     cuda = A.device.type == "cuda"
 
     t_start = time.perf_counter()
