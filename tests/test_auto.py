@@ -179,6 +179,35 @@ def test_auto_subspace_gives_the_stiff_groups_their_own_rate():
     assert iters is not None and iters <= 40
 
 
+def test_auto_subspace_with_a_bfloat16_basis_caps_its_rates_by_the_measured_rounding():
+    # Groups 1e4 apart: the uncapped base rate (~1e4) times lambda_max times the bfloat16 rounding (~2e-3)
+    # is ~20, far past stability (NOTE: [basis rounding]); capped, the step converges without a back-off.
+    eigs = _spectrum()
+    w, w_star, H, op, closure_for = _problem(eigs)
+    opt = AutoMrGD([w], op, mode="subspace", num_eigs=10, block_size=2, density_order=eigs.size, max_groups=None,
+                   rate_rule="optimal", refresh_every=10**6, basis_dtype=torch.bfloat16)
+    sub = opt.state["multirate_subspace"]
+    assert sub["basis"].dtype == torch.bfloat16
+    eps = opt.basis_rounding_error
+    assert 1e-4 < eps < 1e-2
+    # The measured error is what rounding to bfloat16 does to the float64 Ritz vectors.
+    U = opt.estimate.eigenvectors
+    assert eps == pytest.approx(float((U.to(torch.bfloat16).double() - U).norm(dim=1).max()), rel=1e-12)
+    lam_top = 1.1 * float(opt.estimate.lambda_max)
+    cap = mrgd_ext.auto.BASIS_ROUNDING_MARGIN / (lam_top * eps)
+    assert sub["base_lr"] <= cap * (1 + 1e-9)
+    assert float(sub["column_rates"].max()) <= cap * (1 + 1e-9)
+    iters = _run(opt, closure_for(opt), w, w_star, max_iter=2500)
+    assert iters is not None
+    assert all(e["kind"] == "estimate" for e in opt.events)
+    # The same problem with a float64 basis has no rounding and keeps the full rate ratio.
+    w2, w_star2, _, op2, closure_for2 = _problem(eigs)
+    opt64 = AutoMrGD([w2], op2, mode="subspace", num_eigs=10, block_size=2, density_order=eigs.size,
+                     max_groups=None, rate_rule="optimal", refresh_every=10**6)
+    assert opt64.basis_rounding_error == 0.0
+    assert opt64.state["multirate_subspace"]["base_lr"] > 10 * cap
+
+
 def test_auto_refreshes_on_schedule_with_warm_start():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
@@ -285,6 +314,35 @@ def test_auto_trains_a_small_network_with_a_fixed_probe_batch():
     assert math.isfinite(float(loss))
     assert float(closure().detach()) < 0.7 * loss0
     assert all(e["kind"] == "estimate" for e in opt.events)
+
+
+def test_auto_trains_with_minibatch_gradients_and_a_fixed_check_batch():
+    # NOTE: [gradient noise]: the closure steps on a fresh minibatch but returns the loss of a fixed batch,
+    # so the safety checks compare like with like while the gradients are noisy.
+    torch.manual_seed(1)
+    x = torch.randn(512, 8) * torch.tensor([1.0] * 4 + [0.1] * 4)
+    y = (x[:, :4].sum(1) + 10 * x[:, 4:].sum(1) > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    check_x, check_y = x[:256], y[:256]
+    op = HessianOperator(model, loss_fn, (check_x, check_y), params=params)
+    opt = AutoMrGD(params, op, refresh_every=50, num_eigs=4, density_order=12)
+    gen = torch.Generator().manual_seed(0)
+
+    def closure():
+        idx = torch.randint(0, x.shape[0], (32,), generator=gen)
+        opt.zero_grad()
+        loss_fn(model(x[idx]), y[idx]).backward()
+        with torch.no_grad():
+            return loss_fn(model(check_x), check_y)
+
+    loss0 = float(closure())
+    for _ in range(150):
+        opt.step(closure)
+    final = float(closure())
+    assert math.isfinite(final) and final < 0.7 * loss0
+    assert opt.events[0]["kind"] == "estimate"
 
 
 def test_public_names():

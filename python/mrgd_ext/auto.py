@@ -49,6 +49,10 @@ __all__ = ["AutoMrGD", "MODES"]
 
 #: Values accepted for ``mode=``.
 MODES: tuple[str, ...] = ("temporal", "subspace")
+#: Largest eta * lambda_top * eps_b a subspace step may have, eps_b the basis's rounding error (NOTE: [basis
+#: rounding]). On quadratics with groups 1e4 apart and a bfloat16 basis (three seeds) 1.0 still converged
+#: without a back-off and 2.0 diverged; 0.5 keeps a factor of 4 (tests/test_auto.py).
+BASIS_ROUNDING_MARGIN = 0.5
 _AUTO_KEY = "multirate_auto"
 
 
@@ -88,7 +92,9 @@ class AutoMrGD(MrGD):
         num_eigs, block_size, density_probes, density_order, min_gap, floor, max_groups: what to measure,
             see :func:`mrgd_ext.curvature.estimate_curvature`. Subspace mode needs ``num_eigs >= 1``; the
             basis costs ``num_eigs * n`` elements of ``basis_dtype`` (float32, bfloat16 or float64; default
-            float64 for float64 parameters, float32 otherwise).
+            float64 for float64 parameters, float32 otherwise). A bfloat16 basis halves that memory but its
+            rounding error (~1e-3) caps every rate at ``0.5 / (lambda_max * error)`` (NOTE: [basis rounding]),
+            so it pays only while the measured groups are less than ~500x apart.
         subspace_rates: ``"group"`` -- each Ritz vector takes its group's rate (DESIGN 1.4); ``"ritz"`` -- each
             takes the rate of its own Ritz value (``1/theta`` by the safe rule): a preconditioner on the
             basis, worth it when the measured spectrum decays without clear gaps.
@@ -106,6 +112,8 @@ class AutoMrGD(MrGD):
         estimate: the latest :class:`mrgd_ext.curvature.CurvatureEstimate`.
         events: one dict per measurement or back-off (step, kind, reason, HVPs, seconds, groups, rates).
         estimation_hvps, estimation_seconds: the total cost of all measurements so far.
+        basis_rounding_error: subspace mode: the largest row norm of (stored basis - Ritz vectors), 0 when the
+            basis keeps the precision it was computed in.
 
     ``step(closure)`` needs the closure (it returns the loss, after ``backward``), as for ``torch.optim.LBFGS``.
     """
@@ -215,6 +223,8 @@ class AutoMrGD(MrGD):
         self.plan: MultiratePlan | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._complement_top: float | None = None
+        self.basis_rounding_error = 0.0
+        self.basis_rounding_margin = BASIS_ROUNDING_MARGIN
         self.max_cycle_length = self.refresh_every if max_cycle_length is None else _count(
             max_cycle_length, "max_cycle_length", 1)
 
@@ -341,6 +351,21 @@ class AutoMrGD(MrGD):
         low = min(groups[-1].a, top_rest)
         base = _rate(ScaleGroup(low, top_rest), rule)
         basis = estimate.eigenvectors.to(self.basis_dtype)
+        # NOTE: [basis rounding]
+        # A basis stored below the precision it was computed in carries a rounding error E (rows of norm
+        # up to eps_b: about 1e-3 for bfloat16, 3e-8 for float32). The step's rate along a stiff direction
+        # v_i is then eta_i + O(eta_base * eps_b) instead of eta_i, so its contraction factor is off by about
+        # eta_base * lambda_i * eps_b, and the stiff direction diverges once that exceeds its margin
+        # (NOTE: [basis accuracy] makes the same argument for the Lanczos error). eps_b is measured here,
+        # exactly, and every rate is capped at basis_rounding_margin / (lambda_top * eps_b): a basis in
+        # bfloat16 buys a rate ratio of at most ~1/eps_b, however far apart the measured groups are.
+        U = estimate.eigenvectors
+        eps_b = float((basis.to(U.dtype) - U).norm(dim=1).max()) if basis.dtype != U.dtype else 0.0
+        self.basis_rounding_error = eps_b
+        if eps_b > 0.0:
+            cap = self.basis_rounding_margin / (groups[0].b * eps_b)
+            base = min(base, cap)
+            rates = [min(r, cap) for r in rates]
         # Ritz values at or below zero (negative curvature) get the base rate: no rate is aimed at them.
         rates = [r if t > 0 else base for r, t in zip(rates, thetas)]
         return basis, rates, base
