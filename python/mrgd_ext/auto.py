@@ -93,8 +93,8 @@ class AutoMrGD(MrGD):
             see :func:`mrgd_ext.curvature.estimate_curvature`. Subspace mode needs ``num_eigs >= 1``; the
             basis costs ``num_eigs * n`` elements of ``basis_dtype`` (float32, bfloat16 or float64; default
             float64 for float64 parameters, float32 otherwise). A bfloat16 basis halves that memory but its
-            rounding error (~1e-3) caps every rate at ``0.5 / (lambda_max * error)`` (NOTE: [basis rounding]),
-            so it pays only while the measured groups are less than ~500x apart.
+            rounding error (~2e-3) caps every rate at ``0.5 / (lambda_max * error)`` (NOTE: [basis rounding]),
+            so it pays only while the measured groups are less than ~250x apart.
         subspace_rates: ``"group"`` -- each Ritz vector takes its group's rate (DESIGN 1.4); ``"ritz"`` -- each
             takes the rate of its own Ritz value (``1/theta`` by the safe rule): a preconditioner on the
             basis, worth it when the measured spectrum decays without clear gaps.
