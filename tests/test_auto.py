@@ -413,3 +413,24 @@ def test_auto_temporal_cycles_fit_the_refresh_interval():
     assert unlimited.plan.cycle_length > 30  # the cap changed the plan, it did not just happen to hold
     with pytest.raises(ValueError, match="max_cycle_length"):
         AutoMrGD([w], op, max_cycle_length=0)
+
+
+def test_auto_check_points_compare_with_the_lowest_loss_so_far():
+    # A loss that rises by less than loss_slack per check interval passes a comparison with the previous
+    # check point forever; against the lowest check-point loss it is caught once it has risen by loss_slack.
+    eigs = _spectrum()
+    w, w_star, H, op, closure_for = _problem(eigs)
+    opt = AutoMrGD([w], op, mode="subspace", num_eigs=10, block_size=2, density_order=eigs.size, max_groups=None,
+                   check_every=1, loss_slack=0.05, refresh_every=10**6, max_backoffs=0)
+    losses = iter([1.0, 1.03, 1.06])
+
+    def creeping():  # true gradients, a scripted loss
+        opt.zero_grad()
+        (0.5 * (w - w_star) @ (H @ (w - w_star))).backward()
+        return torch.tensor(next(losses))
+
+    opt.step(creeping)
+    opt.step(creeping)  # 1.03 <= 1.0 * 1.05: fine
+    with pytest.raises(RuntimeError, match="lowest check-point loss 1"):
+        opt.step(creeping)  # 1.06 > 1.0 * 1.05, though only 2.9% above the previous check point
+    assert opt.state["multirate_auto"]["best_loss"] == 1.0

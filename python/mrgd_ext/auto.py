@@ -11,10 +11,11 @@ plans (:func:`mrgd_ext.curvature.plan_from_estimate`) and trains with the fused 
 NOTE: [safety]
 Large rates are safe only while the measured groups describe the current Hessian. The loss is watched (the
 ``closure`` is required): at every check point (each cycle start in temporal mode, every ``check_every``
-steps in subspace mode) the loss must not exceed the loss of the previous check point by more than
-``loss_slack`` (relative), and inside a cycle it must stay finite and below ``max_loss_growth`` times it
-(by default 10 times the square of the plan's predicted peak amplification: a quadratic's loss grows with the
-square of its error, and inside a cycle the plan itself lets the error grow by that much). A violation
+steps in subspace mode) the loss must not exceed the lowest check-point loss so far by more than
+``loss_slack`` (relative; so the loss cannot creep up interval by interval), and inside a cycle it must stay
+finite and below ``max_loss_growth`` times the last check point's loss (by default 10 times the square of
+the plan's predicted peak amplification: a quadratic's loss grows with the square of its error, and inside a
+cycle the plan itself lets the error grow by that much). A violation
 restores the parameters of the last check point (one copy of the parameters is kept), backs the rates off
 (``lr_scale *= backoff``, rate rule ``"safe"``), re-measures the curvature there and goes on, with a
 :class:`RuntimeWarning`; more than ``max_backoffs`` violations in a row raise :class:`RuntimeError`. Nothing
@@ -234,7 +235,7 @@ class AutoMrGD(MrGD):
             foreach=foreach, fused=fused,
         )
         self.state[_AUTO_KEY] = {"step": 0, "last_estimate": 0, "since_check": 0, "ref_loss": None,
-                                 "backoffs": 0}
+                                 "best_loss": None, "backoffs": 0}
         self._install(estimate, plan)
 
     # ----------------------------------------------------------------------------------------------
@@ -398,7 +399,13 @@ class AutoMrGD(MrGD):
             return None
         # A loss near zero has no meaningful relative increase; the absolute floor avoids false alarms there.
         allowance = abs(ref) * self.loss_slack + 1e-12
-        if check_point and loss > ref + allowance:
+        # Check points compare with the lowest check-point loss so far, not the previous one: against the
+        # previous one a loss could creep up by loss_slack per interval forever without a violation.
+        best = self.state[_AUTO_KEY].get("best_loss")
+        best = ref if best is None else best
+        if check_point and loss > best + abs(best) * self.loss_slack + 1e-12:
+            if best < ref:
+                return f"the loss rose to {loss:.6g}, above the lowest check-point loss {best:.6g}"
             return f"the loss rose from {ref:.6g} to {loss:.6g} over one check interval"
         if loss > abs(ref) * self._growth_bound + allowance:
             return f"the loss grew from {ref:.6g} to {loss:.6g}, beyond {self._growth_bound:.3g}x"
@@ -469,6 +476,8 @@ class AutoMrGD(MrGD):
                         for s, p in zip(self._snapshot, params):
                             s.copy_(p)
             auto["ref_loss"] = _as_float(loss)
+            best = auto.get("best_loss")
+            auto["best_loss"] = auto["ref_loss"] if best is None else min(best, auto["ref_loss"])
             auto["since_check"] = 0
         super().step()
         auto["step"] += 1
