@@ -15,6 +15,14 @@
 // once per pass and Q is read once per pass for the subtraction and once for the projection; the rows of V
 // never leave shared memory in between.
 //
+// NOTE: [CUDA orthogonalisation floor]
+// Bytes per call with s-byte elements: the subtraction passes read Q (m n s) and V (b n s) and write V, the
+// projection re-reads Q, mostly from L2; the floor is about (rounds + 1) (m + 2 b) n s from DRAM plus rounds
+// L2 re-reads of Q. The cuBLAS composition (two rounds of V Q^T and V -= C Q, then V V^T) reads Q four times
+// from DRAM and V about seven times. Expected: up to ~1.3x for m >> b, where reading Q dominates, more
+// for small m, where the composition's five launches and split-K reductions dominate. Not yet measured;
+// "auto" keeps the composition until benchmarks/bench_lanczos_step.py --device cuda says otherwise.
+//
 // NOTE: [CUDA orthogonalisation determinism]
 // No atomics: each warp adds its sums into its block's own slot of a [grid, ...] double workspace (one
 // owner per slot), and a second kernel adds the grid's slots in a fixed order. Per-lane sums (L / 32 terms)
