@@ -354,7 +354,7 @@ class AutoMrGD(MrGD):
         basis = estimate.eigenvectors.to(self.basis_dtype)
         # NOTE: [basis rounding]
         # A basis stored below the precision it was computed in carries a rounding error E (rows of norm
-        # up to eps_b: about 1e-3 for bfloat16, 3e-8 for float32). The step's rate along a stiff direction
+        # up to eps_b: about 2e-3 for bfloat16, 3e-8 for float32). The step's rate along a stiff direction
         # v_i is then eta_i + O(eta_base * eps_b) instead of eta_i, so its contraction factor is off by about
         # eta_base * lambda_i * eps_b, and the stiff direction diverges once that exceeds its margin
         # (NOTE: [basis accuracy] makes the same argument for the Lanczos error). eps_b is measured here,
