@@ -292,13 +292,17 @@ def test_auto_bad_input():
     assert torch.equal(w.detach(), before)
 
 
-def test_auto_trains_a_small_network_with_a_fixed_probe_batch():
-    torch.manual_seed(0)
-    x = torch.randn(256, 8) * torch.tensor([1.0] * 4 + [0.1] * 4)
+def _small_classifier(samples: int, seed: int):
+    """Two-scale inputs (features 5-8 are 10x smaller but decide the label as much), a tanh MLP 8-16-2."""
+    torch.manual_seed(seed)
+    x = torch.randn(samples, 8) * torch.tensor([1.0] * 4 + [0.1] * 4)
     y = (x[:, :4].sum(1) + 10 * x[:, 4:].sum(1) > 0).long()
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    params = list(model.parameters())
+    return x, y, model, torch.nn.CrossEntropyLoss(), list(model.parameters())
+
+
+def test_auto_trains_a_small_network_with_a_fixed_probe_batch():
+    x, y, model, loss_fn, params = _small_classifier(256, seed=0)
     op = HessianOperator(model, loss_fn, (x[:128], y[:128]), params=params)
     opt = AutoMrGD(params, op, refresh_every=40, num_eigs=4, density_order=12)
 
@@ -319,12 +323,7 @@ def test_auto_trains_a_small_network_with_a_fixed_probe_batch():
 def test_auto_trains_with_minibatch_gradients_and_a_fixed_check_batch():
     # NOTE: [gradient noise]: the closure steps on a fresh minibatch but returns the loss of a fixed batch,
     # so the safety checks compare like with like while the gradients are noisy.
-    torch.manual_seed(1)
-    x = torch.randn(512, 8) * torch.tensor([1.0] * 4 + [0.1] * 4)
-    y = (x[:, :4].sum(1) + 10 * x[:, 4:].sum(1) > 0).long()
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    params = list(model.parameters())
+    x, y, model, loss_fn, params = _small_classifier(512, seed=1)
     check_x, check_y = x[:256], y[:256]
     op = HessianOperator(model, loss_fn, (check_x, check_y), params=params)
     opt = AutoMrGD(params, op, refresh_every=50, num_eigs=4, density_order=12)
