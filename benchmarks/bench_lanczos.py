@@ -7,7 +7,7 @@ on the first ``--samples`` samples (default: all 1797), cross-entropy, eval mode
 
 Target: the top ``k`` (default 10) eigenpairs with ``|H v - lambda v| <= tol * |lambda_1|``, tol = 1e-4.
 
-* ``lanczos b=1/4/8``: ``mrgd_ext.lanczos(op, k, block_size=b, tol=tol)``; it stops on its residual
+* ``lanczos b=1/4/8``: ``mrgd_ext.curvature.lanczos(op, k, block_size=b, tol=tol)``; it stops on its residual
   estimates and then recomputes the true residuals (k more products, counted).
 * ``power``: deflated power iteration as in PyHessian (Yao et al. 2020): one eigenpair at a time, each
   iterate re-orthogonalised against the pairs already found; here it stops on the same residual test
@@ -40,8 +40,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, markdown_header, markdown_table, write_results  # noqa: E402
 
-from mrgd_ext.hvp import HessianOperator  # noqa: E402
-from mrgd_ext.lanczos import lanczos  # noqa: E402
+from mrgd_ext.curvature.hessian import HessianOperator  # noqa: E402
+from mrgd_ext.curvature.lanczos import lanczos  # noqa: E402
 
 
 def build_problem(samples: int, device: str, train_steps: int):

@@ -1,11 +1,11 @@
 """The Lanczos orthogonalisation step: fused kernel vs the pure-torch composition it replaces.
 
 One step = CGS2 of a block V [b, n] against the basis Q [m, n] plus the Gram matrix of the result and the
-input norms (what ``mrgd_ext.lanczos`` does once per block iteration):
+input norms (what ``mrgd_ext.curvature.lanczos`` does once per block iteration):
 
 * ``kernel``: ``torch.ops.mrgd_ext.block_orthogonalize_`` (3 passes over Q, NOTE: [fused passes] in
   csrc/cpu/block_orthogonalize.cpp);
-* ``torch``: ``mrgd_ext._lanczos_reference.block_orthogonalize``: per round ``C = V @ Q.T`` and
+* ``torch``: ``mrgd_ext.ops.lanczos_reference.block_orthogonalize``: per round ``C = V @ Q.T`` and
   ``V.addmm_(C, Q, alpha=-1)``, then ``V @ V.T`` (4 passes over Q, BLAS).
 
 Timed round-robin (``time_interleaved``) so both see the same machine state; median of ``--repeats``.
@@ -33,7 +33,8 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from mrgd_ext import _lanczos_ops, _lanczos_reference  # noqa: E402
+from mrgd_ext.ops import lanczos_ops as _lanczos_ops  # noqa: E402
+from mrgd_ext.ops import lanczos_reference as _lanczos_reference  # noqa: E402
 
 
 def cases(quick: bool):

@@ -5,7 +5,7 @@ Three problems (``--problems``, default all):
 * ``digits``: scikit-learn's handwritten digits (bundled, no download) with the RAW pixel values 0..16 (not
   standardised: the principal values of raw data span several scales), a fixed 75/25 train/test split
   (random permutation with seed 0: 1347 train, 450 test samples).
-* ``multiscale``: ``mrgd_ext.data.multiscale_classification`` (x = U [z0, 0.1 z1, 0.01 z2], d = 64 with
+* ``multiscale``: ``mrgd_ext.experiments.data.multiscale_classification`` (x = U [z0, 0.1 z1, 0.01 z2], d = 64 with
   blocks (16, 16, 32), a random rotation U, labels from a random linear teacher on the unscaled block
   coordinates, so that the 0.01-scale directions carry as much label information as the unit-scale ones),
   2000 samples, 10 classes, split 1500/500.
@@ -160,10 +160,10 @@ MAX_CURVE_POINTS = 200
 def load_digits_raw() -> tuple[torch.Tensor, torch.Tensor, str]:
     """Raw digits (pixel values 0..16): the package loader, or scikit-learn directly when it is missing."""
     try:
-        from mrgd_ext.data import load_digits
+        from mrgd_ext.experiments.data import load_digits
 
         x, y = load_digits(standardize=False)
-        return x.to(torch.float32), y.long(), "mrgd_ext.data.load_digits(standardize=False)"
+        return x.to(torch.float32), y.long(), "mrgd_ext.experiments.data.load_digits(standardize=False)"
     except (ImportError, AttributeError, TypeError):
         from sklearn.datasets import load_digits as sk_digits
 
@@ -173,10 +173,10 @@ def load_digits_raw() -> tuple[torch.Tensor, torch.Tensor, str]:
 
 def load_breast_cancer_raw() -> tuple[torch.Tensor, torch.Tensor, str]:
     try:
-        from mrgd_ext.data import load_breast_cancer
+        from mrgd_ext.experiments.data import load_breast_cancer
 
         x, y = load_breast_cancer(standardize=False, dtype=torch.float64)
-        return x.to(torch.float64), y.long(), "mrgd_ext.data.load_breast_cancer(standardize=False)"
+        return x.to(torch.float64), y.long(), "mrgd_ext.experiments.data.load_breast_cancer(standardize=False)"
     except (ImportError, AttributeError, TypeError):
         from sklearn.datasets import load_breast_cancer as sk_bc
 
@@ -200,13 +200,13 @@ def _local_multiscale(num_samples: int, dims, scales, num_classes: int, seed: in
 
 def load_multiscale(num_samples: int, dims, scales, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     try:
-        from mrgd_ext.data import multiscale_classification
+        from mrgd_ext.experiments.data import multiscale_classification
 
         x, y, _ = multiscale_classification(num_samples, dims, scales, num_classes, seed=seed)
-        return x.to(torch.float32), y.long(), "mrgd_ext.data.multiscale_classification"
+        return x.to(torch.float32), y.long(), "mrgd_ext.experiments.data.multiscale_classification"
     except (ImportError, AttributeError, TypeError):
         x, y = _local_multiscale(num_samples, dims, scales, num_classes, seed)
-        return x, y, "local generator (mrgd_ext.data unavailable)"
+        return x, y, "local generator (mrgd_ext.experiments.data unavailable)"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -254,7 +254,7 @@ def make_mlp_problem(name: str, hidden: tuple[int, int]) -> MLPProblem:
     prob.init_state = copy.deepcopy(prob.model().state_dict())
     model = prob.model()
     op = mrgd_ext.HessianOperator(model, nn.CrossEntropyLoss(), (prob.x_train[:PROBE_SAMPLES], prob.y_train[:PROBE_SAMPLES]))
-    res = mrgd_ext.lanczos(op, 1, block_size=1, tol=1e-4, seed=0)
+    res = mrgd_ext.curvature.lanczos(op, 1, block_size=1, tol=1e-4, seed=0)
     prob.lambda0 = float(res.eigenvalues[0])
     return prob
 

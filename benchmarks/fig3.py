@@ -1,6 +1,6 @@
 """Figure 3 of He, Liu, Tsai (arXiv:2402.03021), reproduced: iterations to relative error 1e-6.
 
-Runs mrgd_ext.reproduce.figure3 (its docstring describes the problems, methods and counts) over several
+Runs mrgd_ext.experiments.reproduce.figure3 (its docstring describes the problems, methods and counts) over several
 seeds and writes benchmarks/results/fig3.{json,md}.
 
     python benchmarks/fig3.py [--seeds 5] [--tol 1e-6] [--out DIR]
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mrgd_ext.reproduce import figure3, figure3_markdown
+from mrgd_ext.experiments.reproduce import figure3, figure3_markdown
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,7 +194,7 @@ def test_auto_subspace_with_a_bfloat16_basis_caps_its_rates_by_the_measured_roun
     U = opt.estimate.eigenvectors
     assert eps == pytest.approx(float((U.to(torch.bfloat16).double() - U).norm(dim=1).max()), rel=1e-12)
     lam_top = 1.1 * float(opt.estimate.lambda_max)
-    cap = mrgd_ext.auto.BASIS_ROUNDING_MARGIN / (lam_top * eps)
+    cap = mrgd_ext.optim.auto.BASIS_ROUNDING_MARGIN / (lam_top * eps)
     assert sub["base_lr"] <= cap * (1 + 1e-9)
     assert float(sub["column_rates"].max()) <= cap * (1 + 1e-9)
     iters = _run(opt, closure_for(opt), w, w_star, max_iter=2500)

@@ -125,7 +125,7 @@ def test_demo_compares_mrgd_sgd_and_heavy_ball_and_writes_the_plot(tmp_path):
     mrgd, sgd, hb = (real["methods"][k] for k in ("mrgd", "sgd", "heavy_ball"))
     predicted = real["predicted_iterations"]["mrgd"]
     # The prediction is exact-arithmetic; rounding amplified by a cycle's largest step may cost one or two
-    # extra steps (NOTE: [rounding at cycle ends] in mrgd_ext.reproduce), never a cycle.
+    # extra steps (NOTE: [rounding at cycle ends] in mrgd_ext.experiments.reproduce), never a cycle.
     assert mrgd["iterations_to_tol"] is not None and mrgd["iterations_to_tol"] <= predicted + 2
     assert mrgd["final_rel_error"] < 1e-6
     # Both baselines hardly move along the smallest eigenvector (lambda_min / lambda_max ~ 2e-8) in 1400
@@ -160,7 +160,7 @@ def test_spectrum_of_the_diabetes_problem_matches_its_exact_eigenvalues(tmp_path
     assert out.stderr == ""
     res = json.loads((tmp_path / "s.json").read_text())
     # Independent truth: the Hessian of 0.5*mean((Xw+b-y)^2) is [X 1]^T [X 1] / N in closed form.
-    from mrgd_ext.reproduce import load_diabetes_raw
+    from mrgd_ext.experiments.reproduce import load_diabetes_raw
 
     X, _ = load_diabetes_raw()
     exact = sorted(np.linalg.eigvalsh((X.T @ X / X.shape[0]).numpy()), reverse=True)

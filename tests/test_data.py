@@ -1,4 +1,4 @@
-"""Tests for the multiscale data generators and the offline real data sets (mrgd_ext.data)."""
+"""Tests for the multiscale data generators and the offline real data sets (mrgd_ext.experiments.data)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from mrgd_ext.data import (
+from mrgd_ext.experiments.data import (
     MultiscaleData,
     load_breast_cancer,
     load_digits,
@@ -17,7 +17,7 @@ from mrgd_ext.data import (
     multiscale_regression,
     principal_values,
 )
-from mrgd_ext.scales import detect_scales
+from mrgd_ext.curvature.scales import detect_scales
 
 # --------------------------------------------------------------------------------------------------------
 # Generators

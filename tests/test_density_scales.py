@@ -11,11 +11,11 @@ from scipy.stats import wasserstein_distance
 from torch import nn
 
 import mrgd_ext
-from mrgd_ext.density import hutchinson_trace, spectral_density
-from mrgd_ext.hvp import HessianOperator
-from mrgd_ext.lanczos import lanczos
-from mrgd_ext.scales import detect_scales
-from mrgd_ext.schedule import ScaleGroup
+from mrgd_ext.curvature.density import hutchinson_trace, spectral_density
+from mrgd_ext.curvature.hessian import HessianOperator
+from mrgd_ext.curvature.lanczos import lanczos
+from mrgd_ext.curvature.scales import detect_scales
+from mrgd_ext.planning.plan import ScaleGroup
 
 
 def spectrum_matrix(eigs, seed=0):

@@ -1,5 +1,5 @@
 """Tests for the gradient-row and row-Hessian diagnostics and the Figure 1, 2, 4 reproductions
-(mrgd_ext.diagnostics), on tiny MLPs."""
+(mrgd_ext.experiments.diagnostics), on tiny MLPs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from mrgd_ext.data import multiscale_classification
-from mrgd_ext.diagnostics import (
+from mrgd_ext.experiments.data import multiscale_classification
+from mrgd_ext.experiments.diagnostics import (
     figure1,
     figure1_plot,
     figure2,

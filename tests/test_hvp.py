@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from mrgd_ext.hvp import HessianOperator
+from mrgd_ext.curvature.hessian import HessianOperator
 
 
 def mlp(seed=0, dtype=torch.float64, bn=False, dropout=False):

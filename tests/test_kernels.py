@@ -5,8 +5,9 @@ import torch
 from conftest import ALL_DTYPES, COMPUTE_ROUNDOFF, UNIT_ROUNDOFF
 
 import mrgd_ext
-from mrgd_ext import _C, _ops
-from mrgd_ext import _reference as ref
+from mrgd_ext import _C
+from mrgd_ext.ops import step_ops as _ops
+from mrgd_ext.ops import reference as ref
 
 CPU_ISAS = mrgd_ext.build_info()["cpu_isas_available"].split(",")
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from mrgd_ext.hvp import HessianOperator
-from mrgd_ext.lanczos import lanczos
+from mrgd_ext.curvature.hessian import HessianOperator
+from mrgd_ext.curvature.lanczos import lanczos
 
 
 def spectrum_matrix(eigs, seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mrgd_ext import MrGD, MultirateLR, mrgd
-from mrgd_ext import _reference as ref
+from mrgd_ext.ops import reference as ref
 
 CYCLE = (0.01, 0.02, 0.01, 0.5)  # small steps first, the large step last
 

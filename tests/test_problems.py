@@ -1,4 +1,4 @@
-"""Tests for the quadratic test problems and the classical iteration counters (mrgd_ext.problems)."""
+"""Tests for the quadratic test problems and the classical iteration counters (mrgd_ext.experiments.problems)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrgd_ext.problems import (
+from mrgd_ext.experiments.problems import (
     heavy_ball_params,
     nesterov_params,
     quadratic_from_groups,
@@ -20,7 +20,7 @@ from mrgd_ext.problems import (
     run_rate_cycle,
     worst_case_iterations_from_eigenvalues,
 )
-from mrgd_ext.schedule import ScaleGroup
+from mrgd_ext.planning.plan import ScaleGroup
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -257,7 +257,7 @@ def test_counters_reject(one_group, call, match):
 
 
 def test_subspace_form_runs_at_the_slowest_group_rate():
-    from mrgd_ext.problems import run_subspace_rates
+    from mrgd_ext.experiments.problems import run_subspace_rates
 
     groups = [ScaleGroup(0.5, 1.5), ScaleGroup(1e-4, 4e-4)]
     p = quadratic_from_groups(groups, per_group=10, seed=2)

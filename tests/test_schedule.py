@@ -1,8 +1,8 @@
-"""Tests for the multirate planner (mrgd_ext.schedule).
+"""Tests for the multirate planner (mrgd_ext.planning.plan).
 
 Numbers are checked against independent references: closed forms (GD and Chebyshev contraction), direct
 float64 products of the cycle, brute-force walks of the cycle, and the measured iteration counts of actual
-float64 gradient descent on quadratics (mrgd_ext.problems).
+float64 gradient descent on quadratics (mrgd_ext.experiments.problems).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrgd_ext.problems import (
+from mrgd_ext.experiments.problems import (
     quadratic_from_groups,
     random_multiscale_quadratic,
     run_gd,
@@ -22,7 +22,7 @@ from mrgd_ext.problems import (
     run_rate_cycle,
     worst_case_iterations_from_eigenvalues,
 )
-from mrgd_ext.schedule import MultiratePlan, ScaleGroup, groups_from_scales, plan_multirate
+from mrgd_ext.planning.plan import MultiratePlan, ScaleGroup, groups_from_scales, plan_multirate
 
 STRATEGIES = ("nested", "chebyshev-nested", "chebyshev", "auto")
 

@@ -7,17 +7,22 @@ fused C++/CUDA kernels, and gives each eigen-group its own rate at once in a sub
 """
 
 from mrgd_ext._version import __version__
-from mrgd_ext import _ops  # noqa: F401  (loads the compiled operators)
-from mrgd_ext._ops import build_info
-from mrgd_ext.schedule import MultiratePlan, ScaleGroup, groups_from_scales, plan_multirate
-from mrgd_ext.optim import MrGD, MultirateLR, mrgd
-from mrgd_ext.hvp import HessianOperator
-from mrgd_ext.lanczos import LanczosResult, lanczos
-from mrgd_ext.density import SpectralDensity, TraceEstimate, hutchinson_trace, spectral_density
-from mrgd_ext.scales import detect_scales
-from mrgd_ext.curvature import CurvatureEstimate, estimate_curvature, plan_from_estimate
-from mrgd_ext.auto import AutoMrGD
-from mrgd_ext import data, diagnostics  # noqa: E402  (submodules: mrgd_ext.data.load_digits(), ...)
+from mrgd_ext.ops import build_info  # loads the compiled operators
+from mrgd_ext.planning import MultiratePlan, ScaleGroup, groups_from_scales, plan_multirate
+from mrgd_ext.optim import AutoMrGD, MrGD, MultirateLR, mrgd
+from mrgd_ext.curvature import (
+    CurvatureEstimate,
+    HessianOperator,
+    LanczosResult,
+    SpectralDensity,
+    TraceEstimate,
+    detect_scales,
+    estimate_curvature,
+    hutchinson_trace,
+    lanczos,
+    plan_from_estimate,
+    spectral_density,
+)
 
 __all__ = [
     "__version__",

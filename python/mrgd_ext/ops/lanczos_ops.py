@@ -61,7 +61,7 @@ def block_orthogonalize_(
 
     Returns float64 ``(coeffs [b, m], gram [b, b], in_norms_sq [b])``: the summed projection coefficients,
     the Gram matrix of the orthogonalised rows and the squared norms of the input rows (see
-    :func:`mrgd_ext._lanczos_reference.block_orthogonalize`, which defines the result). Both tensors share
+    :func:`mrgd_ext.ops.lanczos_reference.block_orthogonalize`, which defines the result). Both tensors share
     one dtype (float32 or float64) and device; rows must be unit-stride (a row slice of a larger buffer is
     fine); ``vectors`` must not share memory with ``basis``. On CUDA at most ``CUDA_MAX_VECTORS`` rows of
     ``vectors`` per call.
@@ -85,6 +85,6 @@ def block_orthogonalize_(
     if not has_block_orthogonalize_kernel(vectors.device.type):
         raise RuntimeError(
             f"this mrgd_ext build has no block_orthogonalize_ kernel for {vectors.device.type}; use "
-            "mrgd_ext._lanczos_reference.block_orthogonalize"
+            "mrgd_ext.ops.lanczos_reference.block_orthogonalize"
         )
     return torch.ops.mrgd_ext.block_orthogonalize_(basis, vectors, rounds)

@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrgd_ext.schedule import ScaleGroup
+from mrgd_ext.planning.plan import ScaleGroup
 
 __all__ = ["detect_scales"]
 
 
 def _values_and_weights(spectrum: Any, weight_floor: float) -> np.ndarray:
     # Lazy imports: density/lanczos import torch-heavy modules this one does not otherwise need.
-    from mrgd_ext.density import SpectralDensity
-    from mrgd_ext.lanczos import LanczosResult
+    from mrgd_ext.curvature.density import SpectralDensity
+    from mrgd_ext.curvature.lanczos import LanczosResult
 
     if isinstance(spectrum, LanczosResult):
         return spectrum.eigenvalues.double().numpy()

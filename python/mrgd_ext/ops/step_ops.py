@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from mrgd_ext import _C  # noqa: F401  (loading the library registers the operators)
-from mrgd_ext._checks import (
+from mrgd_ext._validation import (
     check_amp_flags,
     check_basis,
     check_param_grad_lists,

@@ -1,6 +1,6 @@
 """Hessian-vector products as a linear operator over a flat parameter vector.
 
-:class:`HessianOperator` is the operator the spectrum tools (``mrgd_ext.lanczos``, ``spectral_density``,
+:class:`HessianOperator` is the operator the spectrum tools (``mrgd_ext.curvature.lanczos``, ``spectral_density``,
 ``hutchinson_trace``) apply: ``H = d^2 L / d theta^2`` of one fixed loss ``L`` at the current parameters,
 acting on blocks of flat vectors ``V [b, n]`` (``n`` = number of parameter elements in the selection).
 

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrgd_ext import _lanczos_reference
-from mrgd_ext._lanczos_ops import CUDA_MAX_VECTORS, has_block_orthogonalize_kernel
-from mrgd_ext._lanczos_ops import block_orthogonalize_ as _kernel_block_orthogonalize_
+from mrgd_ext.ops import lanczos_reference as _lanczos_reference
+from mrgd_ext.ops.lanczos_ops import CUDA_MAX_VECTORS, has_block_orthogonalize_kernel
+from mrgd_ext.ops.lanczos_ops import block_orthogonalize_ as _kernel_block_orthogonalize_
 
 __all__ = ["lanczos", "LanczosResult", "WHICH", "ORTHOGONALIZERS"]
 

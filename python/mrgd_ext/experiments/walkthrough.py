@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrgd_ext.auto import AutoMrGD
-from mrgd_ext.curvature import estimate_curvature, plan_from_estimate
-from mrgd_ext.data import multiscale_regression, principal_values
-from mrgd_ext.hvp import HessianOperator
-from mrgd_ext.problems import heavy_ball_params
+from mrgd_ext.optim.auto import AutoMrGD
+from mrgd_ext.curvature.estimate import estimate_curvature, plan_from_estimate
+from mrgd_ext.experiments.data import multiscale_regression, principal_values
+from mrgd_ext.curvature.hessian import HessianOperator
+from mrgd_ext.experiments.problems import heavy_ball_params
 
 __all__ = ["blog", "blog_markdown", "blog_plot"]
 
@@ -100,7 +100,7 @@ def blog(
     say = progress or (lambda _msg: None)
     X, y, info = multiscale_regression(num_samples, dims, scales, noise=0.01, seed=seed, dtype=torch.float64)
     data = info["data"]
-    from mrgd_ext.reproduce import _machine
+    from mrgd_ext.experiments.reproduce import _machine
 
     results: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                "machine": _machine(),

@@ -2,7 +2,7 @@
 
 It defines what the kernel computes, is the float64 truth the tests compare the kernel against
 (``compute_dtype=torch.float64``), and is the "torch composition" the Lanczos solver uses wherever the fused
-kernel is not the faster choice (see ``mrgd_ext.lanczos`` and benchmarks/bench_lanczos_step.py): per round
+kernel is not the faster choice (see ``mrgd_ext.curvature.lanczos`` and benchmarks/bench_lanczos_step.py): per round
 two matrix products, ``C = V Q^T`` and ``V -= C Q``, then the Gram matrix ``V V^T``.
 """
 

@@ -1,7 +1,7 @@
 """Reproductions of the paper's experiments that run in seconds (used by ``mrgd-ext demo`` and benchmarks/).
 
 Figure 3 of He, Liu, Tsai (arXiv:2402.03021): iterations to relative error 1e-6 on random 100-dimensional
-linear regression with multiscale data (:func:`mrgd_ext.problems.random_multiscale_quadratic`): two scales
+linear regression with multiscale data (:func:`mrgd_ext.experiments.problems.random_multiscale_quadratic`): two scales
 (m = 1, r = 1e-3) and three scales (m = 2, r = 0.1), with r read as the ratio between Hessian eigenvalue
 groups (see the problems module for why), plus a supplementary row set with the data-scale reading of the
 three-scale problem (Hessian ratio r**2 = 0.01).
@@ -9,7 +9,7 @@ three-scale problem (Hessian ratio r**2 = 0.01).
 Methods, all float64 on the exact quadratic:
   GD at the best constant rate 2/(lambda_min+lambda_max); heavy ball and Nesterov with optimal constant
   parameters for [lambda_min, lambda_max]; conjugate gradients; MrGD cycles planned by
-  mrgd_ext.schedule.plan_multirate from the exact eigenvalue groups: nested (paper Algorithm 1, reference
+  mrgd_ext.planning.plan.plan_multirate from the exact eigenvalue groups: nested (paper Algorithm 1, reference
   form), chebyshev-nested, chebyshev and auto; and, as the ideal of DESIGN 1.4, the subspace (spatial)
   form with exact eigenbases, every group at its own rate at every step.
 
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrgd_ext.problems import (
+from mrgd_ext.experiments.problems import (
     random_multiscale_quadratic,
     run_cg,
     run_gd,
@@ -47,7 +47,7 @@ from mrgd_ext.problems import (
     run_rate_cycle,
     run_subspace_rates,
 )
-from mrgd_ext.schedule import plan_multirate
+from mrgd_ext.planning.plan import plan_multirate
 
 PROBLEMS = [
     dict(key="two_scales", label="2 scales (m=1, r=1e-3)", num_scales=2, ratio=1e-3, ratio_is="hessian",
@@ -498,7 +498,7 @@ def diabetes_least_squares(
 ) -> dict[str, Any]:
     """MrGD vs SGD vs heavy ball on least squares with the raw diabetes features (NOTE: [raw diabetes features]).
 
-    The Hessian ``X^T X / N`` is computed exactly; :func:`mrgd_ext.scales.detect_scales` groups its
+    The Hessian ``X^T X / N`` is computed exactly; :func:`mrgd_ext.curvature.scales.detect_scales` groups its
     eigenvalues at gaps of at least ``min_gap`` in the log-spectrum, and :func:`mrgd_ext.plan_multirate`
     plans the cycle for ``tol`` (relative error in the weights). Every method is a torch optimizer driving
     the same autograd training loop for ``iterations`` full-batch steps from w = 0, in float64:
@@ -511,9 +511,9 @@ def diabetes_least_squares(
     loss, relative suboptimality ``(L - L*)/(L0 - L*)``, relative error ``||w - w*||/||w*||``, first
     iteration with relative error <= tol) with the grids, and the per-iteration histories of the winners.
     """
-    from mrgd_ext.optim import MrGD
-    from mrgd_ext.problems import heavy_ball_params
-    from mrgd_ext.scales import detect_scales
+    from mrgd_ext.optim.mrgd import MrGD
+    from mrgd_ext.experiments.problems import heavy_ball_params
+    from mrgd_ext.curvature.scales import detect_scales
 
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrgd_ext.lanczos import as_operator
+from mrgd_ext.curvature.lanczos import as_operator
 
 __all__ = ["spectral_density", "hutchinson_trace", "SpectralDensity", "TraceEstimate"]
 
@@ -153,7 +153,7 @@ def spectral_density(
 
     Args:
         op: a :class:`mrgd_ext.HessianOperator`, a symmetric matrix or a block callable (as for
-            :func:`mrgd_ext.lanczos`; a callable needs ``n=``).
+            :func:`mrgd_ext.curvature.lanczos`; a callable needs ``n=``).
         num_probes: Rademacher probes (the variance of the estimate falls as 1/num_probes).
         order: Lanczos steps per probe, ``<= n``; resolution of the quadrature (``order`` nodes per probe).
         seed: seed of the CPU generator that draws the probes.

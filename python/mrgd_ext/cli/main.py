@@ -136,7 +136,7 @@ def _check_seeds(seeds: int) -> list[int]:
 
 
 def _parse_groups(text: str):
-    from mrgd_ext.schedule import ScaleGroup
+    from mrgd_ext.planning.plan import ScaleGroup
 
     groups = []
     for i, item in enumerate(t for t in text.split(",") if t.strip()):
@@ -157,7 +157,7 @@ def _parse_groups(text: str):
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from mrgd_ext.schedule import plan_multirate
+    from mrgd_ext.planning.plan import plan_multirate
 
     groups = _parse_groups(args.groups)
     try:
@@ -201,8 +201,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     import mrgd_ext
-    from mrgd_ext.problems import random_multiscale_quadratic
-    from mrgd_ext.reproduce import (
+    from mrgd_ext.experiments.problems import random_multiscale_quadratic
+    from mrgd_ext.experiments.reproduce import (
         DIABETES_RUNS,
         diabetes_least_squares,
         diabetes_plot,
@@ -210,7 +210,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         figure3,
         figure3_text_table,
     )
-    from mrgd_ext.schedule import plan_multirate
+    from mrgd_ext.planning.plan import plan_multirate
 
     # Thousands of products of 100x100 (Figure 3) and 442x11 (diabetes) matrices: one thread is fastest for
     # sizes this small and keeps the timings independent of other load on the machine.
@@ -249,7 +249,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     say(f"{meta['n_samples']} samples, {meta['n_parameters']} weights (10 raw features + intercept). Exact "
         f"Hessian X^T X / N: condition {real['condition']:.3g}, eigenvalues")
     say("  " + " ".join(f"{v:.3g}" for v in real["spectrum"]))
-    say("Groups from gaps of >= 10x in the log-spectrum (mrgd_ext.scales.detect_scales):")
+    say("Groups from gaps of >= 10x in the log-spectrum (mrgd_ext.curvature.scales.detect_scales):")
     say("  " + ", ".join(f"[{a:.4g}, {b:.4g}]" for a, b in real["groups"]))
     say()
     say(real["plan_text"])
@@ -289,7 +289,7 @@ def _builtin_problem(name: str, seed: int):
 
     torch.manual_seed(seed)  # the model's initialisation
     if name == "diabetes":
-        from mrgd_ext.reproduce import load_diabetes_raw
+        from mrgd_ext.experiments.reproduce import load_diabetes_raw
 
         X, y = load_diabetes_raw()
         model = nn.Linear(10, 1, dtype=torch.float64)  # its bias is the intercept column of the demo
@@ -339,7 +339,7 @@ class _CountingOperator:
 
 
 def _groups_or_none(values, min_gap: float):
-    from mrgd_ext.scales import detect_scales
+    from mrgd_ext.curvature.scales import detect_scales
 
     try:
         return detect_scales(values, min_gap=min_gap)
@@ -348,7 +348,7 @@ def _groups_or_none(values, min_gap: float):
 
 
 def _spectrum_plot(result: dict[str, Any], path: Path) -> None:
-    from mrgd_ext.reproduce import _figure
+    from mrgd_ext.experiments.reproduce import _figure
 
     fig = _figure(11.0, 4.2)
     ax_d, ax_k = fig.subplots(1, 2)
@@ -394,9 +394,9 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mrgd_ext.density import spectral_density
-    from mrgd_ext.hvp import HessianOperator
-    from mrgd_ext.lanczos import lanczos
+    from mrgd_ext.curvature.density import spectral_density
+    from mrgd_ext.curvature.hessian import HessianOperator
+    from mrgd_ext.curvature.lanczos import lanczos
 
     say = (lambda *a: None) if args.quiet else print
     if args.model_file is not None:
@@ -482,7 +482,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce_fig3(args: argparse.Namespace) -> int:
-    from mrgd_ext.reproduce import PROBLEMS
+    from mrgd_ext.experiments.reproduce import PROBLEMS
 
     seeds = _check_seeds(args.seeds)
     _check_tol(args.tol)
@@ -497,7 +497,7 @@ def _cmd_reproduce_fig3(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mrgd_ext.reproduce import figure3, figure3_markdown, figure3_plot, figure3_text_table
+    from mrgd_ext.experiments.reproduce import figure3, figure3_markdown, figure3_plot, figure3_text_table
 
     torch.set_num_threads(1)  # see _cmd_demo
     say = (lambda *a: None) if args.quiet else print
@@ -577,7 +577,7 @@ def _cmd_reproduce_rows(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mrgd_ext import diagnostics
+    from mrgd_ext.experiments import diagnostics
 
     # One thread: a few seconds with the defaults either way, and timings independent of other load (two
     # OpenMP threads competing with another process on two cores can be many times slower than one).
@@ -608,7 +608,7 @@ def _cmd_reproduce_rows(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce_blog(args: argparse.Namespace) -> int:
-    """The walkthrough of mrgd_ext.walkthrough: data -> Hessian groups -> plan -> training."""
+    """The walkthrough of mrgd_ext.experiments.walkthrough: data -> Hessian groups -> plan -> training."""
     dims = tuple(_parse_ints(args.dims, "--dims"))
     scales = tuple(_parse_floats(args.scales, "--scales"))
     if len(dims) != len(scales):
@@ -628,7 +628,7 @@ def _cmd_reproduce_blog(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mrgd_ext.walkthrough import blog, blog_markdown, blog_plot
+    from mrgd_ext.experiments.walkthrough import blog, blog_markdown, blog_plot
 
     torch.set_num_threads(1)  # see _cmd_reproduce_rows
     say = (lambda *a: None) if args.quiet else print

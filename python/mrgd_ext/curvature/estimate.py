@@ -6,7 +6,7 @@
 * the whole spectrum's shape by stochastic Lanczos quadrature (:func:`mrgd_ext.spectral_density`): where the
   eigenvalue mass lies, hence the groups, including the many-eigenvalue groups of small scale that a top-k
   solver never reaches;
-* the top ``num_eigs`` eigenpairs by block Lanczos (:func:`mrgd_ext.lanczos`, warm-started from an earlier
+* the top ``num_eigs`` eigenpairs by block Lanczos (:func:`mrgd_ext.curvature.lanczos`, warm-started from an earlier
   estimate): an accurate ``lambda_max`` for the safety of the smallest rate, outliers that carry too little
   mass for the density, and the Ritz vectors the subspace form needs.
 
@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrgd_ext.density import SpectralDensity, spectral_density
-from mrgd_ext.lanczos import LanczosResult, as_operator, lanczos
-from mrgd_ext.scales import detect_scales
-from mrgd_ext.schedule import MultiratePlan, ScaleGroup, plan_multirate
+from mrgd_ext.curvature.density import SpectralDensity, spectral_density
+from mrgd_ext.curvature.lanczos import LanczosResult, as_operator, lanczos
+from mrgd_ext.curvature.scales import detect_scales
+from mrgd_ext.planning.plan import MultiratePlan, ScaleGroup, plan_multirate
 
 __all__ = ["CurvatureEstimate", "estimate_curvature", "plan_from_estimate"]
 
@@ -97,9 +97,9 @@ def estimate_curvature(
     """Measure the eigen-groups of ``op`` (module docstring).
 
     Args:
-        op: a :class:`mrgd_ext.HessianOperator` (or anything :func:`mrgd_ext.lanczos` takes).
+        op: a :class:`mrgd_ext.HessianOperator` (or anything :func:`mrgd_ext.curvature.lanczos` takes).
         num_eigs: top eigenpairs by block Lanczos (0: none; then ``density_probes`` must be >= 1).
-        block_size, lanczos_tol, max_lanczos_iters: passed to :func:`mrgd_ext.lanczos`. The default
+        block_size, lanczos_tol, max_lanczos_iters: passed to :func:`mrgd_ext.curvature.lanczos`. The default
             tolerance (1e-3 of ``|H|``) is ample for choosing rates, which carry a margin anyway.
         density_probes, density_order: SLQ probes and Lanczos steps per probe (0 probes: no density; then
             the groups come from the Ritz values alone and the smallest group ends at the smallest of them).

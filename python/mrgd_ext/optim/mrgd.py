@@ -1,7 +1,7 @@
 """MrGD: multirate gradient descent as a torch optimizer, and MultirateLR for any torch optimizer.
 
 Temporal form: the optimizer walks a plan's cycle of learning rates (small steps first, the large step
-last; see :mod:`mrgd_ext.schedule`), one rate per step. Subspace (spatial) form: given an orthonormal basis
+last; see :mod:`mrgd_ext.planning.plan`), one rate per step. Subspace (spatial) form: given an orthonormal basis
 of eigenvectors of the top eigen-groups, every group takes its own rate at every step,
 
     p <- p - eta_base * g - U ((eta_col - eta_base) .* U^T g),
@@ -23,8 +23,9 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from mrgd_ext import _ops, _reference
-from mrgd_ext._checks import (
+from mrgd_ext.ops import reference as _reference
+from mrgd_ext.ops import step_ops as _ops
+from mrgd_ext._validation import (
     KERNEL_PARAM_DTYPES,
     check_amp_flags,
     check_basis,
@@ -39,7 +40,7 @@ _SUBSPACE_KEY = "multirate_subspace"
 
 
 def cycle_of(plan: Any, name: str = "plan") -> tuple[float, ...]:
-    """The cycle of learning rates of a :class:`~mrgd_ext.schedule.MultiratePlan` or a sequence of rates."""
+    """The cycle of learning rates of a :class:`~mrgd_ext.planning.plan.MultiratePlan` or a sequence of rates."""
     cycle = getattr(plan, "cycle", plan)
     if isinstance(cycle, (str, bytes)) or not isinstance(cycle, Iterable):
         raise TypeError(f"{name} must be a MultiratePlan or a sequence of learning rates, got {type(plan).__name__}")
@@ -140,7 +141,7 @@ class MrGD(Optimizer):
 
     Args:
         params: iterable of parameters or of param-group dicts (a group may carry its own ``plan``).
-        plan: a :class:`~mrgd_ext.schedule.MultiratePlan` (from :func:`~mrgd_ext.plan_multirate`) or a
+        plan: a :class:`~mrgd_ext.planning.plan.MultiratePlan` (from :func:`~mrgd_ext.plan_multirate`) or a
             sequence of learning rates: the cycle walked step by step, in order.
         lr_scale: multiplies every rate of the cycle (and, in subspace mode, every rate). Default 1.
         weight_decay: L2 penalty added to the gradient, as in torch.optim.SGD. Default 0.

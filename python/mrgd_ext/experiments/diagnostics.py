@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mrgd_ext.data import principal_values
+from mrgd_ext.experiments.data import principal_values
 
 __all__ = [
     "DATASETS",
@@ -79,7 +79,7 @@ __all__ = [
 #: Data sets the figure functions run on: name -> description.
 DATASETS = {
     "digits": "scikit-learn digits, 1797 images 8x8, pixels divided by 16 (range [0, 1]), 75/25 train/test split",
-    "multiscale": "mrgd_ext.data.multiscale_classification: 2000 samples, d = 64 in blocks (32, 16, 16) with data "
+    "multiscale": "mrgd_ext.experiments.data.multiscale_classification: 2000 samples, d = 64 in blocks (32, 16, 16) with data "
                   "scales (1, 0.1, 0.01), 10 classes from a teacher on the unscaled blocks, 75/25 split",
 }
 #: Default training budget per data set. NOTE: [multiscale budget]: on the multiscale set the test accuracy
@@ -625,7 +625,7 @@ def row_hessian_eigenvalues(
 def _dataset(dataset: str, num_samples: int | None, seed: int) -> tuple[torch.Tensor, ...]:
     """``x_train, y_train, x_test, y_test`` (float32), a seeded 75/25 split."""
     if dataset == "digits":
-        from mrgd_ext.data import load_digits
+        from mrgd_ext.experiments.data import load_digits
 
         # NOTE: [digits pixels]
         # Pixels 0..16 divided by 16 land in [0, 1], the range MNIST pixels are usually given in, for which
@@ -634,7 +634,7 @@ def _dataset(dataset: str, num_samples: int | None, seed: int) -> tuple[torch.Te
         x, y = load_digits()
         x = x / 16.0
     elif dataset == "multiscale":
-        from mrgd_ext.data import multiscale_classification
+        from mrgd_ext.experiments.data import multiscale_classification
 
         x, y, _ = multiscale_classification(2000, (32, 16, 16), (1.0, 0.1, 0.01), 10, seed=seed)
     else:
@@ -696,7 +696,7 @@ def _run(
     if progress is not None:
         for m in milestones[len(train.snapshots):]:
             progress(f"accuracy {m:g} not reached in {max_steps} steps")
-    from mrgd_ext.reproduce import _machine
+    from mrgd_ext.experiments.reproduce import _machine
 
     meta = {
         "figure": figure,
@@ -716,7 +716,7 @@ def _run(
         "all_milestones_reached": train.reached,
         "training_seconds": train.wall_s,
         "seed": seed,
-        "diagnostics": "float64, exact (mrgd_ext.diagnostics NOTE: [row Hessian])",
+        "diagnostics": "float64, exact (mrgd_ext.experiments.diagnostics NOTE: [row Hessian])",
     }
     return meta, model, data, train, positions
 
@@ -927,7 +927,7 @@ def figure_text_summary(results: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Plots (the object API on an Agg canvas, as mrgd_ext.reproduce's plots)
+# Plots (the object API on an Agg canvas, as mrgd_ext.experiments.reproduce's plots)
 
 
 def _ln(values: Sequence[float], floor: float = 0.0) -> np.ndarray:
@@ -958,7 +958,7 @@ def figure1_plot(results: dict[str, Any], path: str | os.PathLike) -> None:
     (middle, with the data's principal values in red, scaled by the fitted factor, as in the paper), and the
     gradient's components in the data's principal basis in principal order (bottom, with the principal values:
     the comparison the summary correlations measure)."""
-    from mrgd_ext.reproduce import _figure
+    from mrgd_ext.experiments.reproduce import _figure
 
     rows = results["meta"]["rows"]
     fig = _figure(5.0 * len(rows), 10.0)
@@ -998,7 +998,7 @@ def figure1_plot(results: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def _hessian_plot(results: dict[str, Any], path: str | os.PathLike, title: str) -> None:
-    from mrgd_ext.reproduce import _figure
+    from mrgd_ext.experiments.reproduce import _figure
 
     panels = [(int(layer), int(i)) for layer, rows in results["meta"]["rows"].items() for i in rows]
     fig = _figure(4.6 * len(panels), 4.2)
