@@ -282,3 +282,53 @@ def test_cuda_operator_matches_cpu():
     op = HessianOperator(copy.deepcopy(model).cuda(), nn.CrossEntropyLoss(), (X.cuda(), y.cuda()))
     assert op.device.type == "cuda"
     torch.testing.assert_close(op.to_dense().cpu(), Href, rtol=1e-9, atol=1e-11 * Href.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The torch.func backend runs for standard models and losses
+
+
+def _standard_model(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(5, 3).double(), (5,)
+    if kind == "mlp":
+        return mlp(), (5,)
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double(), (1, 6, 6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "cnn"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_auto_backend_runs_torch_func_for_standard_models(kind, loss):
+    model, shape = _standard_model(kind)
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(12, *shape, generator=g, dtype=torch.float64)
+    if loss == "mse":
+        y, loss_fn = torch.randn(12, 3, generator=g, dtype=torch.float64), nn.functional.mse_loss
+    else:
+        y, loss_fn = torch.randint(0, 3, (12,), generator=g), nn.functional.cross_entropy
+    op = HessianOperator(model, loss_fn, [(X[:5], y[:5]), (X[5:], y[5:])])
+    assert op.backend_used is None  # "auto" decides on first use
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to double backward
+        H = op.to_dense()
+    assert op.backend_used == "func"
+    # F.mse_loss's backward cannot be differentiated in forward mode (it writes into a zero tangent), so MSE
+    # takes the reverse-over-reverse transform; cross-entropy the forward-over-reverse one.
+    expected = "reverse_over_reverse" if loss == "mse" else "forward_over_reverse"
+    assert op.func_transform == expected
+    names = [k for k, _ in model.named_parameters()]
+    assert_hessian_close(H, dense_hessian(model, loss_fn, X, y, names))
+
+
+def test_operator_counts_products_and_exposes_params():
+    model, (X, y) = mlp(), data()
+    op = HessianOperator(model, nn.CrossEntropyLoss(), (X, y), check_determinism=False)
+    seen = []
+    op.on_products = seen.append
+    op.matmat(torch.ones(4, op.n, dtype=torch.float64))
+    op.matvec(torch.ones(op.n, dtype=torch.float64))
+    assert op.num_hvps == 5 and seen == [4, 1]
+    assert op.params == list(model.parameters())
+    with pytest.raises(AttributeError):
+        op.params = []

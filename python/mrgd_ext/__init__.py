@@ -12,6 +12,8 @@ from mrgd_ext.planning import MultiratePlan, ScaleGroup, groups_from_scales, pla
 from mrgd_ext.optim import AutoMrGD, MrGD, MultirateLR, mrgd
 from mrgd_ext.curvature import (
     CurvatureEstimate,
+    CurvatureOperator,
+    GGNOperator,
     HessianOperator,
     LanczosResult,
     SpectralDensity,
@@ -34,7 +36,9 @@ __all__ = [
     "MrGD",
     "MultirateLR",
     "mrgd",
+    "CurvatureOperator",
     "HessianOperator",
+    "GGNOperator",
     "lanczos",
     "LanczosResult",
     "spectral_density",

@@ -325,19 +325,6 @@ def _user_problem(path_text: str):
     return namespace["model"], namespace["loss_fn"], namespace["data"]
 
 
-class _CountingOperator:
-    """A HessianOperator seen through a progress bar: every block application advances it by the block size."""
-
-    def __init__(self, op, bar) -> None:
-        self.op, self.bar = op, bar
-        self.n, self.dtype, self.device, self.unflatten = op.n, op.dtype, op.device, op.unflatten
-
-    def matmat(self, V):
-        out = self.op.matmat(V)
-        self.bar.update(V.shape[0])
-        return out
-
-
 def _groups_or_none(values, min_gap: float):
     from mrgd_ext.curvature.scales import detect_scales
 
@@ -425,15 +412,18 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     bar = _progress(None, "Lanczos HVPs", args.quiet)
+    op.on_products = bar.update  # the operator reports every block product to the bar
     try:
-        res = lanczos(_CountingOperator(op, bar), k, block_size=block, tol=args.lanczos_tol, seed=args.seed)
+        res = lanczos(op, k, block_size=block, tol=args.lanczos_tol, seed=args.seed)
     finally:
         bar.close()
     bar = _progress(args.probes * order, "SLQ HVPs", args.quiet)
+    op.on_products = bar.update
     try:
-        dens = spectral_density(_CountingOperator(op, bar), num_probes=args.probes, order=order, seed=args.seed)
+        dens = spectral_density(op, num_probes=args.probes, order=order, seed=args.seed)
     finally:
         bar.close()
+        op.on_products = None
     eigenvalues = res.eigenvalues.tolist()
     groups_top = _groups_or_none(res.eigenvalues, args.min_gap)
     groups_density = _groups_or_none(dens, args.min_gap)

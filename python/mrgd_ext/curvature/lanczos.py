@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrgd_ext.curvature.operator import _Operator, as_operator
 from mrgd_ext.ops import lanczos_reference as _lanczos_reference
 from mrgd_ext.ops.lanczos_ops import CUDA_MAX_VECTORS, has_block_orthogonalize_kernel
 from mrgd_ext.ops.lanczos_ops import block_orthogonalize_ as _kernel_block_orthogonalize_
@@ -53,70 +54,6 @@ ORTHOGONALIZERS: tuple[str, ...] = ("auto", "kernel", "torch")
 # composition and the kernel runs only when asked for (orthogonalize="kernel"), as the design asks until a
 # kernel beats the composition on the same device.
 _AUTO_KERNEL_DEVICES = ("cpu",)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Operators
-
-
-class _Operator:
-    """Adapter: anything ``lanczos`` accepts -> (n, dtype, device, matmat on [b, n] blocks, unflatten)."""
-
-    def __init__(self, matmat: Callable[[torch.Tensor], torch.Tensor], n: int, dtype: torch.dtype,
-                 device: torch.device, unflatten: Callable[[torch.Tensor], list[torch.Tensor]] | None = None):
-        self.matmat = matmat
-        self.n = n
-        self.dtype = dtype
-        self.device = device
-        self.unflatten = unflatten if unflatten is not None else (lambda v: [v])
-
-
-def as_operator(op: Any, *, n: int | None = None, dtype: torch.dtype | None = None,
-                device: torch.device | str | None = None, name: str = "op") -> _Operator:
-    """Wrap ``op`` for the Krylov solvers.
-
-    ``op`` is an object with ``matmat``, ``n``, ``dtype`` and ``device`` (a :class:`HessianOperator`), a
-    symmetric matrix (tensor or numpy array ``[n, n]``), or a callable ``f(V [b, n]) -> [b, n]`` applying the
-    operator to every row of a block (then ``n`` is required; ``dtype`` defaults to float64, ``device`` to
-    CPU).
-    """
-    if hasattr(op, "matmat") and hasattr(op, "n") and hasattr(op, "dtype") and hasattr(op, "device"):
-        return _Operator(op.matmat, int(op.n), op.dtype, torch.device(op.device), getattr(op, "unflatten", None))
-    if isinstance(op, np.ndarray):
-        op = torch.from_numpy(op)
-    if isinstance(op, torch.Tensor):
-        if op.dim() != 2 or op.shape[0] != op.shape[1]:
-            raise ValueError(f"{name}: a matrix operator must be square [n, n], got shape {tuple(op.shape)}")
-        if not op.dtype.is_floating_point:
-            raise TypeError(f"{name}: a matrix operator must be floating point, got {op.dtype}")
-        a = op.to(dtype=dtype or op.dtype, device=device or op.device)
-        if a.shape[0] > 0:
-            scale = float(a.abs().max())
-            asym = float((a - a.T).abs().max())
-            if asym > 100 * torch.finfo(a.dtype).eps * max(scale, 1e-300) * math.sqrt(a.shape[0]):
-                raise ValueError(f"{name}: the matrix is not symmetric (max |A - A^T| = {asym:.3g})")
-        # V @ A = (A V^T)^T for symmetric A: rows in, rows out.
-        return _Operator(lambda V: V @ a, int(a.shape[0]), a.dtype, a.device)
-    if callable(op):
-        if n is None:
-            raise ValueError(f"{name}: a callable operator needs n= (the length of the vectors it acts on)")
-        dt = dtype or torch.float64
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-
-        def matmat(V: torch.Tensor) -> torch.Tensor:
-            out = op(V)
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(V.shape):
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(
-                    f"{name}: the callable must map a block [b, n] to [b, n]; for {tuple(V.shape)} it returned {got}"
-                )
-            return out.to(dtype=dt, device=dev)
-
-        return _Operator(matmat, int(n), dt, dev)
-    raise TypeError(
-        f"{name} must be a HessianOperator (or object with matmat/n/dtype/device), a symmetric matrix or a "
-        f"callable on [b, n] blocks, got {type(op).__name__}"
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import torch
 
 from mrgd_ext.curvature.estimate import CurvatureEstimate, estimate_curvature, plan_from_estimate, widen_top
 from mrgd_ext.curvature.lanczos import as_operator, lanczos
+from mrgd_ext.curvature.operator import CurvatureOperator
 from mrgd_ext.optim.mrgd import MrGD
 from mrgd_ext.planning.plan import MultiratePlan, ScaleGroup, plan_multirate
 
@@ -84,7 +85,7 @@ class AutoMrGD(MrGD):
 
     Args:
         params: the parameters (one group; tensors, not dicts), all on one device with one dtype.
-        hessian: a :class:`mrgd_ext.HessianOperator` over exactly these parameters, in the same order, on a
+        hessian: a :class:`mrgd_ext.HessianOperator` (or :class:`mrgd_ext.GGNOperator`) over exactly these parameters, in the same order, on a
             fixed probe batch. It is applied at the parameters' current values whenever a measurement runs.
         mode: ``"temporal"`` (cycle of rates) or ``"subspace"`` (Ritz vectors + fused subspace step).
         refresh_every: re-measure after this many steps (temporal: at the next cycle start).
@@ -167,13 +168,14 @@ class AutoMrGD(MrGD):
                 )
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not (hasattr(hessian, "matmat") and hasattr(hessian, "n")):
-            raise TypeError(f"hessian must be a HessianOperator, got {type(hessian).__name__}")
-        op_params = getattr(hessian, "_params", None)
-        if op_params is not None and [id(p) for p in op_params] != [id(p) for p in params]:
+        if not isinstance(hessian, CurvatureOperator):
+            raise TypeError(
+                f"hessian must be a HessianOperator or GGNOperator (a CurvatureOperator), got {type(hessian).__name__}"
+            )
+        if [id(p) for p in hessian.params] != [id(p) for p in params]:
             raise ValueError(
                 "hessian must be built over exactly the optimizer's parameters, in the same order "
-                "(HessianOperator(model, loss_fn, probe_batch, params=<the same list>))"
+                f"({type(hessian).__name__}(model, loss_fn, probe_batch, params=<the same list>))"
             )
         if int(hessian.n) != sum(p.numel() for p in params):
             raise ValueError(f"hessian acts on n={hessian.n} but the parameters have {sum(p.numel() for p in params)}")
