@@ -131,6 +131,7 @@ def least_counts(log_p: np.ndarray, s: np.ndarray, reps: np.ndarray, log_t: np.n
 
 
 _NO_PLAN = np.iinfo(np.int64).max
+_ROWS_PER_BATCH = 4  # next-to-last-level rows per batch of the exhaustive search (pruning vs. batching)
 
 
 @dataclass
@@ -141,6 +142,9 @@ class _Rows:
     length: np.ndarray  # [rows]: cycle length of C_k
     choice: np.ndarray  # [rows, k + 1]: candidate index per level
     counts: np.ndarray  # [rows, k]: n_0 .. n_{k-1}
+
+    def take(self, sel: np.ndarray) -> _Rows:
+        return _Rows(self.log_p[sel], self.length[sel], self.choice[sel], self.counts[sel])
 
 
 class _LevelSearch:
@@ -155,7 +159,7 @@ class _LevelSearch:
 
     def __init__(
         self, spectrum: tuple[ScaleGroup, ...], members: tuple[tuple[int, ...], ...], kind: str, rate_rule: str,
-        tol: float, max_degree: int, max_cycle_length: int,
+        tol: float, max_degree: int, max_cycle_length: int, cache: dict[tuple[float, float, int], np.ndarray] | None = None,
     ) -> None:
         groups = hulls(spectrum, members)
         self.m = len(groups) - 1
@@ -170,15 +174,21 @@ class _LevelSearch:
         else:
             cands = [_degree_candidates(g, log_spread, max_degree) for g in groups[:-1]]
             cands.append(_top_degree_candidates(groups[-1], tol, max_degree))
-        # Large-step log-factors of every (level, candidate degree) on the grid: rows of S[k].
+        # Large-step log-factors of every (level, candidate degree) on the grid: rows of S[k].  The coarse grid
+        # is the same for every merge pattern of a spectrum (only the owners change), so a row depends on the
+        # level's hull and degree alone and `cache` shares it between the patterns of one search.
+        cache = {} if cache is None else cache
         self.S: list[np.ndarray] = []
         for g, ds in zip(groups, cands):
             rows = []
             for d in ds:
-                if kind == "nested" or g.b == g.a:
-                    rows.append(log_abs_poly(level_rates_unordered(kind, rate_rule, g, d), lam))
-                else:
-                    rows.append(chebyshev_log_poly(d, g, lam))
+                key = (g.a, g.b, int(d))
+                if key not in cache:
+                    if kind == "nested" or g.b == g.a:
+                        cache[key] = log_abs_poly(level_rates_unordered(kind, rate_rule, g, d), lam)
+                    else:
+                        cache[key] = chebyshev_log_poly(d, g, lam)
+                rows.append(cache[key])
             self.S.append(np.stack(rows))
         # Each level's own target: what its large steps leave on its own group, or tol if that is smaller.
         self.T = [np.maximum(Sk[:, owner == k].max(axis=1), self.log_tol) for k, Sk in enumerate(self.S)]
@@ -249,25 +259,46 @@ class _LevelSearch:
         return self.exhaustive() if self.m <= 2 else self.coordinate_descent()
 
     def exhaustive(self) -> _Candidate | None:
-        """Every combination of candidate degrees, depth first, skipping partial cycles already longer than the
-        best predicted iterations (a cycle is at least as long as its part)."""
-        best: list[_Candidate | None] = [None]
+        """Every combination of candidate degrees, depth first, skipping partial cycles already at least as long
+        as the best predicted iterations (a cycle is at least as long as its part, so they cannot win).
 
-        def visit(k: int, rows: _Rows) -> None:
+        The last two levels go in one batch: every row of the next-to-last level times every top candidate.
+        Rows stay in depth-first order, so the first of several equally good plans wins, as in a plain walk.
+        """
+        best: _Candidate | None = None
+
+        def consider(c: _Candidate | None) -> None:
+            nonlocal best
+            if c is not None and (best is None or c.key < best.key):
+                best = c
+
+        def visit(k: int, parent: _Rows | None) -> None:
             idx = np.arange(self.D[k].size)
-            rows = self.start(idx) if k == 0 else self.extend(rows, idx)
+            rows = self.start(idx) if parent is None else self.extend(parent, idx)
+            if best is not None:
+                rows = rows.take(rows.length < best.predicted)
             if k == self.m:
-                c = self.best_row(rows)
-                if c is not None and (best[0] is None or c.key < best[0].key):
-                    best[0] = c
-                return
-            for r in range(rows.length.size):
-                if best[0] is not None and rows.length[r] >= best[0].predicted:
-                    continue
-                visit(k + 1, _Rows(rows.log_p[r:r + 1], rows.length[r:r + 1], rows.choice[r:r + 1], rows.counts[r:r + 1]))
+                consider(self.best_row(rows))
+            elif k == self.m - 1:
+                # Pairs (row, top candidate) in batches of a few rows, pruned by the best found so far: the
+                # completed cycle is at least d_top * (length + 1) long, and a plan takes at least one cycle.
+                ncand, d_top = self.D[self.m].size, self.D[self.m]
+                for lo in range(0, rows.length.size, _ROWS_PER_BATCH):
+                    sub = rows.take(np.arange(lo, min(lo + _ROWS_PER_BATCH, rows.length.size)))
+                    parent = np.repeat(np.arange(sub.length.size), ncand)
+                    top = np.tile(np.arange(ncand), sub.length.size)
+                    if best is not None:
+                        keep = d_top[top] * (sub.length[parent] + 1) < best.predicted
+                        parent, top = parent[keep], top[keep]
+                    if parent.size:
+                        consider(self.best_row(self.extend(sub.take(parent), top)))
+            else:
+                for r in range(rows.length.size):
+                    if best is None or rows.length[r] < best.predicted:
+                        visit(k + 1, rows.take(np.array([r])))
 
-        visit(0, None)  # type: ignore[arg-type]
-        return best[0]
+        visit(0, None)
+        return best
 
     def prefixes(self, choice: Sequence[int]) -> list[_Rows]:
         """Partial cycles of ``choice`` level by level (fewer than m + 1 entries if a level has no valid count)."""
@@ -307,10 +338,13 @@ class _LevelSearch:
 
 def _search(
     spectrum: tuple[ScaleGroup, ...], members: tuple[tuple[int, ...], ...], kind: str, rate_rule: str,
-    tol: float, max_degree: int, max_cycle_length: int,
+    tol: float, max_degree: int, max_cycle_length: int, cache: dict[tuple[float, float, int], np.ndarray] | None = None,
 ) -> _Candidate | None:
-    """Best (degrees, counts) for one merge pattern, ranked on the coarse grid. None if nothing fits."""
-    return _LevelSearch(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length).best()
+    """Best (degrees, counts) for one merge pattern, ranked on the coarse grid. None if nothing fits.
+
+    ``cache`` shares large-step rows between calls for the same spectrum, kind and rate rule.
+    """
+    return _LevelSearch(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache).best()
 
 
 def _merge_patterns(num: int) -> Iterable[tuple[tuple[int, ...], ...]]:
@@ -335,6 +369,7 @@ def _best_over_merges(
     n = len(spectrum)
     unmerged = tuple((i,) for i in range(n))
     results = []
+    cache: dict[tuple[float, float, int], np.ndarray] = {}
     if not merge or n == 1:
         patterns: Iterable[tuple[tuple[int, ...], ...]] = [unmerged]
     elif n - 1 <= _MAX_EXHAUSTIVE_GAPS:
@@ -343,20 +378,20 @@ def _best_over_merges(
         patterns = None  # greedy below
     if patterns is not None:
         for members in patterns:
-            cand = _search(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length)
+            cand = _search(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
             if cand is not None:
                 results.append((cand, members))
         return results
     # Greedy: merge the adjacent pair that lowers predicted iterations most, until nothing improves.
     members = unmerged
-    cur = _search(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length)
+    cur = _search(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
     if cur is not None:
         results.append((cur, members))
     while len(members) > 1:
         trials = []
         for i in range(len(members) - 1):
             trial = members[:i] + (members[i] + members[i + 1],) + members[i + 2:]
-            cand = _search(spectrum, trial, kind, rate_rule, tol, max_degree, max_cycle_length)
+            cand = _search(spectrum, trial, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
             if cand is not None:
                 trials.append((cand, trial))
         if not trials:
