@@ -495,3 +495,16 @@ def test_reproduce_blog_mistakes_are_one_line():
     assert "--dims has 2 blocks" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("reproduce", "blog", "--scales", "0.1,1,0.01")
     assert proc.returncode == 2 and "descending" in proc.stderr
+
+
+def test_spectrum_writes_into_out_dir_and_prints_full_paths(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)  # relative --out and --json: the printed paths must still be absolute
+    argv = ["spectrum", "--problem", "diabetes", "-k", "2", "--block-size", "1", "--probes", "1", "--order", "4",
+            "--out", "plots", "--json", "s.json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    png, js = tmp_path / "plots" / "mrgd_spectrum.png", tmp_path / "s.json"
+    assert png.read_bytes()[:4] == b"\x89PNG" and json.loads(js.read_text())["n"] == 11
+    assert f"wrote {png.resolve()}" in out and f"wrote {js.resolve()}" in out

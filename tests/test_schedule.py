@@ -578,3 +578,11 @@ def test_extreme_but_supported_scales_give_a_plan_that_contracts():
         for lam in (g.a, g.b):
             log_p = sum(math.log(abs(1.0 - eta * lam)) for eta in plan.cycle)
             assert log_p < 0.0
+
+
+def test_more_groups_than_the_stated_limit_is_a_value_error_naming_it():
+    from mrgd_ext.planning.search import MAX_GROUPS
+
+    groups = groups_from_scales(MAX_GROUPS + 1, 0.1)
+    with pytest.raises(ValueError, match=rf"at most {MAX_GROUPS}"):
+        plan_multirate(groups)

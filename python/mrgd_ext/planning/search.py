@@ -22,7 +22,11 @@ from mrgd_ext.planning.polynomials import (
     log_abs_poly,
 )
 
-__all__ = ["plan_multirate"]
+__all__ = ["plan_multirate", "MAX_GROUPS"]
+
+#: Most groups plan_multirate accepts.  Planning time grows steeply with the number of groups (see
+#: benchmarks/bench_planner.py); beyond this it is a clear error rather than minutes of search.
+MAX_GROUPS = 24
 
 _MAX_EXHAUSTIVE_GAPS = 5  # 2**5 merge patterns; beyond that merging is greedy
 
@@ -437,7 +441,8 @@ def plan_multirate(
         (ties: smaller perturbation amplification, then shorter cycle).
 
     Raises:
-        ValueError: naming the problem -- empty, unsorted or overlapping groups, a bad group end, ``tol``
+        ValueError: naming the problem -- empty, unsorted or overlapping groups, more than :data:`MAX_GROUPS`
+            groups, a spectrum wider than ``lambda_max / lambda_min = 1e150``, a bad group end, ``tol``
             outside (0, 1), unknown ``strategy`` or ``rate_rule``, or no plan within the limits.
     """
     if strategy not in STRATEGIES:
@@ -463,6 +468,11 @@ def plan_multirate(
         raise ValueError(f"merge must be True or False, got {merge!r}")
 
     n = len(spectrum)
+    if n > MAX_GROUPS:
+        raise ValueError(
+            f"groups has {n} groups; plan_multirate plans for at most {MAX_GROUPS} (the search over merge patterns "
+            f"and degrees grows steeply with the count): merge adjacent groups before planning"
+        )
     all_merged = (tuple(range(n)),)
     options: list[tuple[str, _Candidate, tuple[tuple[int, ...], ...]]] = []
 
