@@ -88,6 +88,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mrgd_ext
+from mrgd_ext.experiments import data
 from _common import (
     RESULTS_DIR,
     machine_info,
@@ -158,55 +159,19 @@ MAX_CURVE_POINTS = 200
 
 
 def load_digits_raw() -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Raw digits (pixel values 0..16): the package loader, or scikit-learn directly when it is missing."""
-    try:
-        from mrgd_ext.experiments.data import load_digits
-
-        x, y = load_digits(standardize=False)
-        return x.to(torch.float32), y.long(), "mrgd_ext.experiments.data.load_digits(standardize=False)"
-    except (ImportError, AttributeError, TypeError):
-        from sklearn.datasets import load_digits as sk_digits
-
-        x, y = sk_digits(return_X_y=True)
-        return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long), "sklearn load_digits"
+    """Raw digits (pixel values 0..16) from the package's loader."""
+    x, y = data.load_digits(standardize=False)
+    return x.to(torch.float32), y.long(), "mrgd_ext.experiments.data.load_digits(standardize=False)"
 
 
 def load_breast_cancer_raw() -> tuple[torch.Tensor, torch.Tensor, str]:
-    try:
-        from mrgd_ext.experiments.data import load_breast_cancer
-
-        x, y = load_breast_cancer(standardize=False, dtype=torch.float64)
-        return x.to(torch.float64), y.long(), "mrgd_ext.experiments.data.load_breast_cancer(standardize=False)"
-    except (ImportError, AttributeError, TypeError):
-        from sklearn.datasets import load_breast_cancer as sk_bc
-
-        x, y = sk_bc(return_X_y=True)
-        return torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.long), "sklearn load_breast_cancer"
-
-
-def _local_multiscale(num_samples: int, dims, scales, num_classes: int, seed: int):
-    """x = U [z0, e1 z1, e2 z2] (Haar U), labels argmax(z A + b) of a teacher on the unscaled z."""
-    gen = torch.Generator().manual_seed(seed)
-    d = sum(dims)
-    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-    rotation = q * torch.sign(torch.diagonal(r))
-    z = torch.randn(num_samples, d, generator=gen, dtype=torch.float64)
-    coord = torch.cat([torch.full((k,), float(e), dtype=torch.float64) for e, k in zip(scales, dims)])
-    x = ((z * coord) @ rotation.T).to(torch.float32)
-    teacher = torch.randn(d, num_classes, generator=gen, dtype=torch.float64)
-    bias = torch.randn(num_classes, generator=gen, dtype=torch.float64)
-    return x, torch.argmax(z @ teacher + bias, dim=1)
+    x, y = data.load_breast_cancer(standardize=False, dtype=torch.float64)
+    return x, y.long(), "mrgd_ext.experiments.data.load_breast_cancer(standardize=False)"
 
 
 def load_multiscale(num_samples: int, dims, scales, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    try:
-        from mrgd_ext.experiments.data import multiscale_classification
-
-        x, y, _ = multiscale_classification(num_samples, dims, scales, num_classes, seed=seed)
-        return x.to(torch.float32), y.long(), "mrgd_ext.experiments.data.multiscale_classification"
-    except (ImportError, AttributeError, TypeError):
-        x, y = _local_multiscale(num_samples, dims, scales, num_classes, seed)
-        return x, y, "local generator (mrgd_ext.experiments.data unavailable)"
+    x, y, _ = data.multiscale_classification(num_samples, dims, scales, num_classes, seed=seed)
+    return x.to(torch.float32), y.long(), "mrgd_ext.experiments.data.multiscale_classification"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 #: Where benchmarks write when not given --out (the tables the README quotes).
 DEFAULT_RESULTS = HERE / "results"
 #: Benchmarks in the order they run; bench_lanczos*.py are added after these when present.
-FIXED_ORDER = ("bench_step", "fig3", "bench_training")
+FIXED_ORDER = ("bench_step", "fig3", "bench_training", "bench_planner")
 LANCZOS_GLOB = "bench_lanczos*.py"
 #: Smoke-size arguments for benchmarks that have no --quick option.
 QUICK_ARGS = {"fig3": ["--seeds", "1"]}

@@ -66,7 +66,17 @@ def test_plan_prints_a_table_and_json():
         (["demo", "--seeds", "0"], "--seeds must be >= 1"),
         (["demo", "--tol", "2"], "--tol must be in (0, 1)"),
         (["demo", "--iterations", "0"], "--iterations must be >= 1"),
-        (["demo", "--out", "plot.txt"], "must end in one of .png"),
+        (["demo", "--out", __file__], "exists and is not a directory"),
+        # argparse's own errors: one line naming the argument, no usage block.
+        (["spectrum", "--problem", "mnist"], "--problem"),
+        (["plan", "--groups", "1:2", "--strategy", "foo"], "--strategy"),
+        (["plan"], "--groups"),
+        (["--bogus"], "--bogus"),
+        (["demo", "--nope"], "--nope"),
+        (["demo", "--seeds", "two"], "--seeds"),
+        ([], "COMMAND"),
+        (["reproduce"], "FIGURE"),
+        (["plan", "--groups", "1e300:2e300,1e-300:2e-300"], "supports a spread up to"),
         (["reproduce", "fig3", "--problems", "two_scales,nope"], "choose from two_scales"),
         (["reproduce", "fig3", "--seeds", "-1"], "--seeds must be >= 1"),
         (["bench", "--benchmarks", "/nonexistent/folder"], "has no run_all.py"),
@@ -80,7 +90,16 @@ def test_mistakes_give_one_line_and_status_2(argv, needle, capsys):
     assert main(argv) == 2
     captured = capsys.readouterr()
     line = one_line_error(captured.err)
-    assert line.startswith("mrgd-ext ") and "error:" in line and needle in line, line
+    assert line.startswith("mrgd-ext") and "error:" in line and needle in line, line
+    assert captured.out == ""
+
+
+@pytest.mark.integration
+def test_argparse_mistake_in_a_subprocess_is_one_line_with_status_2():
+    proc = run_cli("spectrum", "--problem", "mnist")
+    assert proc.returncode == 2 and proc.stdout == ""
+    line = one_line_error(proc.stderr)
+    assert line.startswith("mrgd-ext spectrum: error:") and "--problem" in line and "mnist" in line, line
 
 
 def test_help_on_every_command(capsys):
@@ -104,9 +123,10 @@ def test_info_reports_the_build():
 
 
 def test_demo_compares_mrgd_sgd_and_heavy_ball_and_writes_the_plot(tmp_path):
-    png, js = tmp_path / "sub" / "demo.png", tmp_path / "demo.json"
+    out_dir, js = tmp_path / "sub", tmp_path / "demo.json"
+    png = out_dir / "mrgd_demo.png"
     # 1400 steps: just past the plan's predicted 1301 for the diabetes data, so MrGD must reach tol here.
-    out = run_cli("demo", "--seeds", "1", "--iterations", "1400", "--out", png, "--json", js, "--quiet")
+    out = run_cli("demo", "--seeds", "1", "--iterations", "1400", "--out", out_dir, "--json", js, "--quiet")
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""  # --quiet: no progress bars, no notices
     assert "MrGD auto" in out.stdout and "Heavy ball (optimal Polyak)" in out.stdout  # the Figure 3 table
@@ -155,12 +175,12 @@ def test_demo_without_matplotlib_or_scikit_learn_says_what_to_install():
 
 def test_spectrum_of_the_diabetes_problem_matches_its_exact_eigenvalues(tmp_path):
     out = run_cli("spectrum", "--problem", "diabetes", "-k", "5", "--block-size", "2", "--probes", "3", "--order",
-                  "11", "--check-dense", "--out", tmp_path / "s.png", "--json", tmp_path / "s.json", "--quiet")
+                  "11", "--check-dense", "--out", tmp_path, "--json", tmp_path / "s.json", "--quiet")
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
     res = json.loads((tmp_path / "s.json").read_text())
     # Independent truth: the Hessian of 0.5*mean((Xw+b-y)^2) is [X 1]^T [X 1] / N in closed form.
-    from mrgd_ext.experiments.reproduce import load_diabetes_raw
+    from mrgd_ext.experiments.data import load_diabetes_raw
 
     X, _ = load_diabetes_raw()
     exact = sorted(np.linalg.eigvalsh((X.T @ X / X.shape[0]).numpy()), reverse=True)
@@ -170,7 +190,7 @@ def test_spectrum_of_the_diabetes_problem_matches_its_exact_eigenvalues(tmp_path
     assert all(res["converged"]) and res["dense_check"]["max_diff_relative_to_lambda_max"] < 1e-10
     # Groups of the top 5 (gap >= 10x): 7.4e4 alone, then 95.7 .. 621.
     assert np.allclose(res["groups_top_k"], [[exact[0], exact[0]], [exact[4], exact[1]]], rtol=1e-12)
-    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "mrgd_spectrum.png").read_bytes()[:4] == b"\x89PNG"
     assert "Top 5 eigenvalues" in out.stdout and "Dense check" in out.stdout
 
 
@@ -475,3 +495,16 @@ def test_reproduce_blog_mistakes_are_one_line():
     assert "--dims has 2 blocks" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("reproduce", "blog", "--scales", "0.1,1,0.01")
     assert proc.returncode == 2 and "descending" in proc.stderr
+
+
+def test_spectrum_writes_into_out_dir_and_prints_full_paths(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)  # relative --out and --json: the printed paths must still be absolute
+    argv = ["spectrum", "--problem", "diabetes", "-k", "2", "--block-size", "1", "--probes", "1", "--order", "4",
+            "--out", "plots", "--json", "s.json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    png, js = tmp_path / "plots" / "mrgd_spectrum.png", tmp_path / "s.json"
+    assert png.read_bytes()[:4] == b"\x89PNG" and json.loads(js.read_text())["n"] == 11
+    assert f"wrote {png.resolve()}" in out and f"wrote {js.resolve()}" in out

@@ -20,7 +20,7 @@ from mrgd_ext.experiments.problems import (
     run_rate_cycle,
     worst_case_iterations_from_eigenvalues,
 )
-from mrgd_ext.planning.plan import ScaleGroup
+from mrgd_ext.planning import ScaleGroup
 
 
 @pytest.fixture(scope="module", autouse=True)

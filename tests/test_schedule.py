@@ -22,7 +22,7 @@ from mrgd_ext.experiments.problems import (
     run_rate_cycle,
     worst_case_iterations_from_eigenvalues,
 )
-from mrgd_ext.planning.plan import MultiratePlan, ScaleGroup, groups_from_scales, plan_multirate
+from mrgd_ext.planning import MultiratePlan, ScaleGroup, groups_from_scales, plan_multirate
 
 STRATEGIES = ("nested", "chebyshev-nested", "chebyshev", "auto")
 
@@ -555,3 +555,34 @@ def test_from_dict_checks_structure(two_scale):
         MultiratePlan.from_dict(dict(data, members=[[1], [0]]))
     with pytest.raises(ValueError, match="one degree per group"):
         MultiratePlan.from_dict(dict(data, counts=[]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Extreme scales
+
+
+def test_spectrum_wider_than_the_supported_range_is_a_value_error_naming_it():
+    # 1e300 and 1e-300 together: eta * lambda would reach 1e600 (float64 overflow).
+    with pytest.raises(ValueError, match=r"spread up to 1e150"):
+        plan_multirate([(1e300, 2e300), (1e-300, 2e-300)])
+    with pytest.raises(ValueError, match=r"groups\[1\]\.a=.*below the supported range"):
+        plan_multirate([(1.0, 2.0), (1e-320, 1e-319)])
+
+
+def test_extreme_but_supported_scales_give_a_plan_that_contracts():
+    # Groups 1e140 apart, each of condition 2: the plan's contraction is checked against a direct float64
+    # product of the cycle's factors at the group ends (an independent evaluation, not the planner's grid).
+    plan = plan_multirate([(1e70, 2e70), (1e-70, 2e-70)])
+    assert plan.contraction < 1.0
+    for g in plan.spectrum:
+        for lam in (g.a, g.b):
+            log_p = sum(math.log(abs(1.0 - eta * lam)) for eta in plan.cycle)
+            assert log_p < 0.0
+
+
+def test_more_groups_than_the_stated_limit_is_a_value_error_naming_it():
+    from mrgd_ext.planning.search import MAX_GROUPS
+
+    groups = groups_from_scales(MAX_GROUPS + 1, 0.1)
+    with pytest.raises(ValueError, match=rf"at most {MAX_GROUPS}"):
+        plan_multirate(groups)

@@ -31,7 +31,7 @@ import torch
 from mrgd_ext.curvature.density import SpectralDensity, spectral_density
 from mrgd_ext.curvature.lanczos import LanczosResult, as_operator, lanczos
 from mrgd_ext.curvature.scales import detect_scales
-from mrgd_ext.planning.plan import MultiratePlan, ScaleGroup, plan_multirate
+from mrgd_ext.planning import MultiratePlan, ScaleGroup, plan_multirate
 
 __all__ = ["CurvatureEstimate", "estimate_curvature", "plan_from_estimate"]
 

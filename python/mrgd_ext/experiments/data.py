@@ -35,6 +35,7 @@ import torch
 __all__ = [
     "MultiscaleData",
     "load_breast_cancer",
+    "load_diabetes_raw",
     "load_digits",
     "load_wine",
     "multiscale_classification",
@@ -367,6 +368,23 @@ def load_wine(
 
 # --------------------------------------------------------------------------------------------------------
 # Principal values
+
+
+def load_diabetes_raw() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's diabetes data, raw features plus an intercept column (float64): ``X [442, 11], y [442]``.
+
+    The regression target stays a float (the other loaders here are classification sets). The data ship with
+    scikit-learn; nothing is downloaded.
+    """
+    try:
+        from sklearn.datasets import load_diabetes
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            "the diabetes comparison needs scikit-learn (pip install 'mrgd_ext[cli]')", name="sklearn"
+        ) from exc
+    data, target = load_diabetes(return_X_y=True, scaled=False)
+    X = torch.as_tensor(np.hstack([data, np.ones((data.shape[0], 1))]), dtype=torch.float64)
+    return X, torch.as_tensor(target, dtype=torch.float64)
 
 
 def principal_values(x: torch.Tensor, center: bool = True) -> torch.Tensor:

@@ -696,12 +696,12 @@ def _run(
     if progress is not None:
         for m in milestones[len(train.snapshots):]:
             progress(f"accuracy {m:g} not reached in {max_steps} steps")
-    from mrgd_ext.experiments.reproduce import _machine
+    from mrgd_ext.experiments.figures import machine_info
 
     meta = {
         "figure": figure,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine_info(),
         "dataset": dataset,
         "dataset_description": DATASETS[dataset],
         "n_train": int(x_train.shape[0]),
@@ -958,10 +958,10 @@ def figure1_plot(results: dict[str, Any], path: str | os.PathLike) -> None:
     (middle, with the data's principal values in red, scaled by the fitted factor, as in the paper), and the
     gradient's components in the data's principal basis in principal order (bottom, with the principal values:
     the comparison the summary correlations measure)."""
-    from mrgd_ext.experiments.reproduce import _figure
+    from mrgd_ext.experiments.figures import new_figure
 
     rows = results["meta"]["rows"]
-    fig = _figure(5.0 * len(rows), 10.0)
+    fig = new_figure(5.0 * len(rows), 10.0)
     axes = fig.subplots(3, len(rows), squeeze=False)
     for col, i in enumerate(rows):
         top, middle, bottom = axes[0, col], axes[1, col], axes[2, col]
@@ -998,10 +998,10 @@ def figure1_plot(results: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def _hessian_plot(results: dict[str, Any], path: str | os.PathLike, title: str) -> None:
-    from mrgd_ext.experiments.reproduce import _figure
+    from mrgd_ext.experiments.figures import new_figure
 
     panels = [(int(layer), int(i)) for layer, rows in results["meta"]["rows"].items() for i in rows]
-    fig = _figure(4.6 * len(panels), 4.2)
+    fig = new_figure(4.6 * len(panels), 4.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (layer, i) in zip(axes, panels):
         scales, spectrum, n = [], None, 0

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrgd_ext.planning.plan import ScaleGroup
+from mrgd_ext.planning import ScaleGroup
 
 __all__ = [
     "QuadraticProblem",

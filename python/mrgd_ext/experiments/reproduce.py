@@ -28,9 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,7 +45,9 @@ from mrgd_ext.experiments.problems import (
     run_rate_cycle,
     run_subspace_rates,
 )
-from mrgd_ext.planning.plan import plan_multirate
+from mrgd_ext.experiments.data import load_diabetes_raw
+from mrgd_ext.experiments.figures import machine_info, new_figure
+from mrgd_ext.planning import plan_multirate
 
 PROBLEMS = [
     dict(key="two_scales", label="2 scales (m=1, r=1e-3)", num_scales=2, ratio=1e-3, ratio_is="hessian",
@@ -70,19 +70,6 @@ METHOD_LABELS = {
     "subspace": "MrGD subspace form, exact eigenbases (DESIGN 1.4)",
 }
 MAX_ITER = 400_000
-
-
-def _machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 def _run_seed(spec: dict[str, Any], seed: int, tol: float) -> dict[str, Any]:
@@ -172,7 +159,7 @@ def figure3(
         "meta": {
             "benchmark": "fig3",
             "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": _machine(),
+            "machine": machine_info(),
             "tol": tol,
             "seeds": seeds,
             "dim": 100,
@@ -350,19 +337,6 @@ def figure3_text_table(results: dict[str, Any]) -> str:
 # so calling these from a notebook does not change the user's interactive backend).
 
 
-def _figure(width: float, height: float):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise ModuleNotFoundError(
-            "plots need matplotlib (pip install 'mrgd_ext[plot]')", name="matplotlib"
-        ) from exc
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def figure3_plot(results: dict[str, Any], path: str | os.PathLike) -> None:
     """Bar chart of :func:`figure3` results (median iterations per method, log scale) written to ``path``.
 
@@ -371,7 +345,7 @@ def figure3_plot(results: dict[str, Any], path: str | os.PathLike) -> None:
     """
     keys = list(results["problems"])
     methods = list(METHOD_LABELS)
-    fig = _figure(11.0, 0.6 + 3.4 * len(keys))
+    fig = new_figure(11.0, 0.6 + 3.4 * len(keys))
     axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
     for ax, key in zip(axes, keys):
         prob = results["problems"][key]
@@ -428,22 +402,6 @@ DIABETES_LABELS = {
     "sgd": "SGD, best constant rate",
     "heavy_ball": "Heavy ball, best tuning",
 }
-
-
-def load_diabetes_raw() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's diabetes data, raw features plus an intercept column (float64): ``X [442, 11], y [442]``.
-
-    The data ship with scikit-learn; nothing is downloaded.
-    """
-    try:
-        from sklearn.datasets import load_diabetes
-    except ImportError as exc:
-        raise ModuleNotFoundError(
-            "the diabetes comparison needs scikit-learn (pip install 'mrgd_ext[cli]')", name="sklearn"
-        ) from exc
-    data, target = load_diabetes(return_X_y=True, scaled=False)
-    X = torch.as_tensor(np.hstack([data, np.ones((data.shape[0], 1))]), dtype=torch.float64)
-    return X, torch.as_tensor(target, dtype=torch.float64)
 
 
 def _train(
@@ -576,7 +534,7 @@ def diabetes_least_squares(
         "meta": {
             "benchmark": "diabetes_least_squares",
             "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": _machine(),
+            "machine": machine_info(),
             "dataset": "sklearn.datasets.load_diabetes(scaled=False) + intercept column (raw features)",
             "n_samples": n,
             "n_parameters": X.shape[1],
@@ -653,7 +611,7 @@ def diabetes_text_table(results: dict[str, Any]) -> str:
 def diabetes_plot(results: dict[str, Any], path: str | os.PathLike) -> None:
     """Loss suboptimality and weight error against iterations, per method (log scale), written to ``path``."""
     meta = results["meta"]
-    fig = _figure(11.0, 4.2)
+    fig = new_figure(11.0, 4.2)
     ax_loss, ax_err = fig.subplots(1, 2)
     span = results["loss_0"] - results["loss_star"]
     colors = {"mrgd": "tab:orange", "sgd": "tab:blue", "heavy_ball": "tab:green"}

@@ -100,10 +100,10 @@ def blog(
     say = progress or (lambda _msg: None)
     X, y, info = multiscale_regression(num_samples, dims, scales, noise=0.01, seed=seed, dtype=torch.float64)
     data = info["data"]
-    from mrgd_ext.experiments.reproduce import _machine
+    from mrgd_ext.experiments.figures import machine_info
 
     results: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                               "machine": _machine(),
+                               "machine": machine_info(),
                                "settings": {"num_samples": num_samples, "dims": list(dims), "scales": list(scales),
                                             "tol": tol, "max_iter": max_iter, "seed": seed}}
 

@@ -45,7 +45,7 @@ from mrgd_ext.curvature.estimate import CurvatureEstimate, estimate_curvature, p
 from mrgd_ext.curvature.lanczos import as_operator, lanczos
 from mrgd_ext.curvature.operator import CurvatureOperator
 from mrgd_ext.optim.mrgd import MrGD
-from mrgd_ext.planning.plan import MultiratePlan, ScaleGroup, plan_multirate
+from mrgd_ext.planning import MultiratePlan, ScaleGroup, plan_multirate
 
 __all__ = ["AutoMrGD", "MODES"]
 

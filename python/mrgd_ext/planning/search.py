@@ -1,0 +1,520 @@
+"""Searching the plan structure: candidate degrees per level, the least counts, merge patterns of adjacent
+groups, and :func:`plan_multirate`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mrgd_ext.planning.groups import ScaleGroup, check_tol, hulls, validate_groups
+from mrgd_ext.planning.plan import RATE_RULES, STRATEGIES, MultiratePlan, assemble
+from mrgd_ext.planning.polynomials import (
+    Grid,
+    allowed_degree,
+    chebyshev_growth,
+    chebyshev_log_poly,
+    least_count,
+    level_rates_unordered,
+    log_abs_poly,
+)
+
+__all__ = ["plan_multirate", "MAX_GROUPS"]
+
+#: Most groups plan_multirate accepts.  Planning time grows steeply with the number of groups (see
+#: benchmarks/bench_planner.py); beyond this it is a clear error rather than minutes of search.
+MAX_GROUPS = 24
+
+_MAX_EXHAUSTIVE_GAPS = 5  # 2**5 merge patterns; beyond that merging is greedy
+
+
+def fine_counts(
+    spectrum: Sequence[ScaleGroup], members: Sequence[Sequence[int]], kind: str, rate_rule: str,
+    degrees: Sequence[int], tol: float,
+) -> tuple[int, ...] | None:
+    """The count rule evaluated on the fine grid (the search used the coarse one)."""
+    groups = hulls(spectrum, members)
+    grid = Grid.build(spectrum, members, fine=True)
+    lam, owner = grid.points, grid.owner
+    counts: list[int] = []
+    log_p = None
+    for k, g in enumerate(groups):
+        rates = level_rates_unordered(kind, rate_rule, g, degrees[k])
+        s = log_abs_poly(rates, lam)
+        if k == 0:
+            log_p = s
+            continue
+        log_t = max(float(s[owner == k].max()), math.log(tol))
+        fin = owner < k
+        n = least_count(log_p[fin], s[fin], len(rates), log_t)
+        if n is None:
+            return None
+        counts.append(n)
+        log_p = n * len(rates) * log_p + s
+    return tuple(counts)
+
+
+def cycle_length_of(degrees: Sequence[int], counts: Sequence[int]) -> int:
+    length = degrees[0]
+    for d, n in zip(degrees[1:], counts):
+        length = d * (n * length + 1)
+    return length
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    predicted: int
+    cycle_length: int
+    degrees: tuple[int, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.predicted, self.cycle_length)
+
+
+def _degree_candidates(g: ScaleGroup, log_damping: float, max_degree: int) -> list[int]:
+    """Degrees worth trying for an inner level: every allowed degree up to 16, then about four per octave,
+    up to the degree whose Chebyshev cycle alone damps by exp(log_damping) (never more is needed)."""
+    if g.b == g.a:
+        return [1]
+    t = chebyshev_growth(g)
+    cap = min(max_degree, max(1, math.ceil((log_damping + math.log(2.0)) / t)))
+    out: list[int] = []
+    for d in range(1, cap + 1):
+        if allowed_degree(d) and (d <= 16 or d >= out[-1] * 1.19 or d == cap):
+            out.append(d)
+    if not allowed_degree(cap) and (not out or out[-1] < cap):
+        nxt = cap + 1
+        while not allowed_degree(nxt):
+            nxt += 1
+        if nxt <= max_degree:
+            out.append(nxt)
+    return out
+
+
+def _top_degree_candidates(g: ScaleGroup, tol: float, max_degree: int, keep: int = 8) -> list[int]:
+    """Allowed degrees for the outermost level ranked by the single-group cost d * ceil(ln tol / ln(1/T_d))."""
+    if g.b == g.a:
+        return [1]
+    t = chebyshev_growth(g)
+    # Capped first: for a very wide group d_one is astronomically large and only degrees <= max_degree count.
+    d_one = min(max_degree, max(1, math.ceil((math.log(1.0 / tol) + math.log(2.0)) / t)))
+    while not allowed_degree(d_one):
+        d_one += 1
+    ds = np.array([d for d in range(1, min(max_degree, d_one) + 1) if allowed_degree(d)], dtype=np.float64)
+    log_t = ds * t + np.log1p(np.exp(-2.0 * ds * t)) - math.log(2.0)  # log T_d(mu0), mu0 > 1
+    with np.errstate(divide="ignore"):  # log_t == 0 for a group too wide to damp: infinite cost, ranked last
+        cost = ds * np.ceil(math.log(1.0 / tol) / log_t * (1.0 - 1e-12))
+    order = np.lexsort((ds, cost))
+    return [int(ds[i]) for i in order[:keep]]
+
+
+def least_counts(log_p: np.ndarray, s: np.ndarray, reps: np.ndarray, log_t: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`least_count` over candidate rows: 0 marks "no count works".
+
+    ``s`` holds one row of large-step log-factors per candidate; ``log_p`` is the inner cycle's log|P| on the
+    same points, either one row shared by all candidates or one row per candidate.
+    """
+    ncand = s.shape[0]
+    if log_p.shape[-1] == 0:
+        return np.ones(ncand, dtype=np.int64)
+    log_p = np.atleast_2d(log_p)
+    excess = s - log_t[:, None]  # [ncand, npts]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        req = np.where(excess > 0, excess / (-reps[:, None] * log_p), 0.0)
+    req = np.where(np.isnan(req), 0.0, req)
+    bad = np.any((excess > 0) & (log_p >= 0.0), axis=1) | np.any(np.isinf(req) & (req > 0), axis=1)
+    with np.errstate(invalid="ignore"):
+        n = np.maximum(1, np.ceil(req.max(axis=1) * (1.0 - 1e-12))).astype(np.int64)
+    n[bad] = 0
+    return n
+
+
+_NO_PLAN = np.iinfo(np.int64).max
+_ROWS_PER_BATCH = 4  # next-to-last-level rows per batch of the exhaustive search (pruning vs. batching)
+
+
+@dataclass
+class _Rows:
+    """Partial cycles C_k for a batch of candidate structures, one row each (levels 0..k chosen)."""
+
+    log_p: np.ndarray  # [rows, npts]: log|P_{C_k}| on the coarse grid
+    length: np.ndarray  # [rows]: cycle length of C_k
+    choice: np.ndarray  # [rows, k + 1]: candidate index per level
+    counts: np.ndarray  # [rows, k]: n_0 .. n_{k-1}
+
+    def take(self, sel: np.ndarray) -> _Rows:
+        return _Rows(self.log_p[sel], self.length[sel], self.choice[sel], self.counts[sel])
+
+
+class _LevelSearch:
+    """Best (degrees, counts) for one merge pattern, ranked on the coarse grid.
+
+    NOTE: [degree search] Up to three levels the search is exhaustive over the candidate degrees; deeper
+    nests use coordinate descent from a few starts.  Every candidate is scored by its predicted iterations,
+    so the search can only pick among plans whose cost it has actually computed.  The work is batched over
+    candidate rows: a level adds its large steps to every row at once (:meth:`extend`), and coordinate descent
+    re-uses the partial cycle below the level it varies.
+    """
+
+    def __init__(
+        self, spectrum: tuple[ScaleGroup, ...], members: tuple[tuple[int, ...], ...], kind: str, rate_rule: str,
+        tol: float, max_degree: int, max_cycle_length: int, cache: dict[tuple[float, float, int], np.ndarray] | None = None,
+    ) -> None:
+        groups = hulls(spectrum, members)
+        self.m = len(groups) - 1
+        grid = Grid.build(spectrum, members, fine=False)
+        lam, owner = grid.points, grid.owner
+        self.finer = [owner < k for k in range(self.m + 1)]
+        self.log_tol = math.log(tol)
+        self.max_cycle_length = max_cycle_length
+        log_spread = math.log(4.0 * groups[0].b / groups[-1].a) + math.log(1.0 / tol)
+        if kind == "nested":
+            cands = [[1] for _ in groups]
+        else:
+            cands = [_degree_candidates(g, log_spread, max_degree) for g in groups[:-1]]
+            cands.append(_top_degree_candidates(groups[-1], tol, max_degree))
+        # Large-step log-factors of every (level, candidate degree) on the grid: rows of S[k].  The coarse grid
+        # is the same for every merge pattern of a spectrum (only the owners change), so a row depends on the
+        # level's hull and degree alone and `cache` shares it between the patterns of one search.
+        cache = {} if cache is None else cache
+        self.S: list[np.ndarray] = []
+        for g, ds in zip(groups, cands):
+            rows = []
+            for d in ds:
+                key = (g.a, g.b, int(d))
+                if key not in cache:
+                    if kind == "nested" or g.b == g.a:
+                        cache[key] = log_abs_poly(level_rates_unordered(kind, rate_rule, g, d), lam)
+                    else:
+                        cache[key] = chebyshev_log_poly(d, g, lam)
+                rows.append(cache[key])
+            self.S.append(np.stack(rows))
+        # Each level's own target: what its large steps leave on its own group, or tol if that is smaller.
+        self.T = [np.maximum(Sk[:, owner == k].max(axis=1), self.log_tol) for k, Sk in enumerate(self.S)]
+        self.D = [np.asarray(c, dtype=np.int64) for c in cands]
+        self.first_finer = [self.S[k][:, self.finer[k]] for k in range(self.m + 1)]
+
+    # -- one level for a batch of rows -----------------------------------------------------------------------
+    def start(self, idx: np.ndarray) -> _Rows:
+        """Level 0 alone for the candidate rows ``idx``."""
+        return _Rows(
+            self.S[0][idx], self.D[0][idx].copy(), idx[:, None], np.zeros((idx.size, 0), dtype=np.int64)
+        )
+
+    def extend(self, rows: _Rows, idx: np.ndarray) -> _Rows:
+        """Add level k = (levels in ``rows``) with candidate ``idx[r]`` to row r, or with every candidate in
+        ``idx`` to a single row; rows with no valid count or too long a cycle are dropped."""
+        k = rows.choice.shape[1]
+        if rows.log_p.shape[0] == 1 and idx.size != 1:
+            rows = _Rows(*(np.repeat(a, idx.size, axis=0) for a in (rows.log_p, rows.length, rows.choice, rows.counts)))
+        d = self.D[k][idx]
+        n = least_counts(rows.log_p[:, self.finer[k]], self.first_finer[k][idx], d, self.T[k][idx])
+        new_len = d * (n * rows.length + 1)
+        ok = (n > 0) & (new_len <= self.max_cycle_length)
+        idx, n, d = idx[ok], n[ok], d[ok]
+        new_p = (n * d)[:, None] * rows.log_p[ok] + self.S[k][idx]
+        return _Rows(
+            new_p, new_len[ok], np.column_stack([rows.choice[ok], idx]), np.column_stack([rows.counts[ok], n])
+        )
+
+    def predicted(self, rows: _Rows) -> np.ndarray:
+        """Predicted iterations of complete cycles (``_NO_PLAN`` where the cycle does not contract)."""
+        log_rho = rows.log_p.max(axis=1)
+        with np.errstate(divide="ignore"):
+            cyc = np.where(
+                log_rho < 0,
+                np.maximum(1, np.ceil(self.log_tol / np.where(log_rho < 0, log_rho, -1.0) * (1 - 1e-12))),
+                0,
+            )
+        cyc = np.where(np.isneginf(log_rho), 1, cyc)
+        total = rows.length * cyc  # float: a hopeless cycle count must not wrap around in int64
+        ok = (cyc > 0) & (total < 2.0**62)
+        out = np.full(total.shape, _NO_PLAN, dtype=np.int64)
+        out[ok] = total[ok].astype(np.int64)
+        return out
+
+    def candidate(self, rows: _Rows, r: int, pred: int) -> _Candidate:
+        degrees = tuple(int(self.D[k][i]) for k, i in enumerate(rows.choice[r]))
+        return _Candidate(int(pred), int(rows.length[r]), degrees, tuple(int(c) for c in rows.counts[r]))
+
+    def best_row(self, rows: _Rows) -> _Candidate | None:
+        """The complete row with the fewest predicted iterations (then the shortest cycle; then the first)."""
+        if rows.length.size == 0:
+            return None
+        pred = self.predicted(rows)
+        j = int(np.lexsort((rows.length, pred))[0])
+        return None if pred[j] == _NO_PLAN else self.candidate(rows, j, pred[j])
+
+    def complete(self, rows: _Rows, choice: Sequence[int], start: int) -> _Rows:
+        """Extend ``rows`` (levels < start chosen) through the top level with the fixed ``choice``."""
+        for k in range(start, self.m + 1):
+            if rows.length.size == 0:
+                break
+            rows = self.extend(rows, np.full(rows.length.size, choice[k], dtype=np.int64))
+        return rows
+
+    # -- strategies --------------------------------------------------------------------------------------------
+    def best(self) -> _Candidate | None:
+        return self.exhaustive() if self.m <= 2 else self.coordinate_descent()
+
+    def exhaustive(self) -> _Candidate | None:
+        """Every combination of candidate degrees, depth first, skipping partial cycles already at least as long
+        as the best predicted iterations (a cycle is at least as long as its part, so they cannot win).
+
+        The last two levels go in one batch: every row of the next-to-last level times every top candidate.
+        Rows stay in depth-first order, so the first of several equally good plans wins, as in a plain walk.
+        """
+        best: _Candidate | None = None
+
+        def consider(c: _Candidate | None) -> None:
+            nonlocal best
+            if c is not None and (best is None or c.key < best.key):
+                best = c
+
+        def visit(k: int, parent: _Rows | None) -> None:
+            idx = np.arange(self.D[k].size)
+            rows = self.start(idx) if parent is None else self.extend(parent, idx)
+            if best is not None:
+                rows = rows.take(rows.length < best.predicted)
+            if k == self.m:
+                consider(self.best_row(rows))
+            elif k == self.m - 1:
+                # Pairs (row, top candidate) in batches of a few rows, pruned by the best found so far: the
+                # completed cycle is at least d_top * (length + 1) long, and a plan takes at least one cycle.
+                ncand, d_top = self.D[self.m].size, self.D[self.m]
+                for lo in range(0, rows.length.size, _ROWS_PER_BATCH):
+                    sub = rows.take(np.arange(lo, min(lo + _ROWS_PER_BATCH, rows.length.size)))
+                    parent = np.repeat(np.arange(sub.length.size), ncand)
+                    top = np.tile(np.arange(ncand), sub.length.size)
+                    if best is not None:
+                        keep = d_top[top] * (sub.length[parent] + 1) < best.predicted
+                        parent, top = parent[keep], top[keep]
+                    if parent.size:
+                        consider(self.best_row(self.extend(sub.take(parent), top)))
+            else:
+                for r in range(rows.length.size):
+                    if best is None or rows.length[r] < best.predicted:
+                        visit(k + 1, rows.take(np.array([r])))
+
+        visit(0, None)
+        return best
+
+    def prefixes(self, choice: Sequence[int]) -> list[_Rows]:
+        """Partial cycles of ``choice`` level by level (fewer than m + 1 entries if a level has no valid count)."""
+        out = [self.start(np.array([choice[0]]))]
+        for k in range(1, self.m + 1):
+            nxt = self.extend(out[-1], np.array([choice[k]]))
+            if nxt.length.size == 0:
+                break
+            out.append(nxt)
+        return out
+
+    def coordinate_descent(self) -> _Candidate | None:
+        """From a few starts, vary one level at a time to its best candidate until nothing improves."""
+        best: _Candidate | None = None
+        for d0 in (1, 4, 8):
+            choice = [int(np.argmin(np.abs(self.D[k] - d0))) for k in range(self.m)] + [0]
+            pre = self.prefixes(choice)
+            cur = self.best_row(pre[-1]) if len(pre) == self.m + 1 else None
+            for _ in range(6):
+                improved = False
+                for k in range(self.m + 1):
+                    if k > 0 and len(pre) < k:
+                        break  # the levels below k already fail: no choice at k can help
+                    idx = np.arange(self.D[k].size)
+                    rows = self.start(idx) if k == 0 else self.extend(pre[k - 1], idx)
+                    c = self.best_row(self.complete(rows, choice, k + 1))
+                    if c is not None and (cur is None or c.key < cur.key):
+                        cur, improved = c, True
+                        choice = [int(self.D[j].tolist().index(dd)) for j, dd in enumerate(c.degrees)]
+                        pre = self.prefixes(choice)
+                if not improved:
+                    break
+            if cur is not None and (best is None or cur.key < best.key):
+                best = cur
+        return best
+
+
+def _search(
+    spectrum: tuple[ScaleGroup, ...], members: tuple[tuple[int, ...], ...], kind: str, rate_rule: str,
+    tol: float, max_degree: int, max_cycle_length: int, cache: dict[tuple[float, float, int], np.ndarray] | None = None,
+) -> _Candidate | None:
+    """Best (degrees, counts) for one merge pattern, ranked on the coarse grid. None if nothing fits.
+
+    ``cache`` shares large-step rows between calls for the same spectrum, kind and rate rule.
+    """
+    return _LevelSearch(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache).best()
+
+
+def _merge_patterns(num: int) -> Iterable[tuple[tuple[int, ...], ...]]:
+    """All partitions of range(num) into consecutive runs (2**(num-1) of them)."""
+    for mask in range(2 ** (num - 1)):
+        runs, cur = [], [0]
+        for i in range(1, num):
+            if mask >> (i - 1) & 1:
+                cur.append(i)
+            else:
+                runs.append(tuple(cur))
+                cur = [i]
+        runs.append(tuple(cur))
+        yield tuple(runs)
+
+
+def _best_over_merges(
+    spectrum: tuple[ScaleGroup, ...], kind: str, rate_rule: str, tol: float, max_degree: int,
+    max_cycle_length: int, merge: bool,
+) -> list[tuple[_Candidate, tuple[tuple[int, ...], ...]]]:
+    """Best candidate per merge pattern (all patterns for few gaps, greedy pairwise merging otherwise)."""
+    n = len(spectrum)
+    unmerged = tuple((i,) for i in range(n))
+    results = []
+    cache: dict[tuple[float, float, int], np.ndarray] = {}
+    if not merge or n == 1:
+        patterns: Iterable[tuple[tuple[int, ...], ...]] = [unmerged]
+    elif n - 1 <= _MAX_EXHAUSTIVE_GAPS:
+        patterns = _merge_patterns(n)
+    else:
+        patterns = None  # greedy below
+    if patterns is not None:
+        for members in patterns:
+            cand = _search(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
+            if cand is not None:
+                results.append((cand, members))
+        return results
+    # Greedy: merge the adjacent pair that lowers predicted iterations most, until nothing improves.
+    members = unmerged
+    cur = _search(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
+    if cur is not None:
+        results.append((cur, members))
+    while len(members) > 1:
+        trials = []
+        for i in range(len(members) - 1):
+            trial = members[:i] + (members[i] + members[i + 1],) + members[i + 2:]
+            cand = _search(spectrum, trial, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
+            if cand is not None:
+                trials.append((cand, trial))
+        if not trials:
+            break
+        cand, trial = min(trials, key=lambda ct: ct[0].key)
+        if cur is not None and cand.predicted >= cur.predicted:
+            break
+        results.append((cand, trial))
+        cur, members = cand, trial
+    return results
+
+
+def plan_multirate(
+    groups: Sequence[ScaleGroup] | Iterable[Any],
+    tol: float = 1e-6,
+    strategy: str = "auto",
+    rate_rule: str = "optimal",
+    merge: bool = True,
+    *,
+    max_degree: int = 512,
+    max_cycle_length: int = 1_000_000,
+) -> MultiratePlan:
+    """Plan a cycle of learning rates for eigenvalue groups (Hessian scale), DESIGN 1.3.
+
+    Args:
+        groups: eigenvalue intervals sorted descending (``groups[0].b = lambda_max``) with gaps
+            ``b_{k+1} < a_k``; ``ScaleGroup`` or ``(a, b)`` pairs.
+        tol: relative error the plan is optimised for (predicted iterations are reported for it), in (0, 1).
+        strategy: ``"nested"`` (paper Algorithm 1, reference form), ``"chebyshev-nested"``, ``"chebyshev"``
+            (one Chebyshev cycle on ``[lambda_min, lambda_max]``) or ``"auto"`` (least predicted iterations).
+        rate_rule: ``"optimal"`` -- ``eta_k = 2/(a_k+b_k)``; ``"safe"`` -- ``eta_k = 1/b_k``, every step
+            non-expansive on its own group, robust to a ``b_k`` underestimated by up to 2x.  ``"safe"`` is a
+            single-rate rule: it applies to ``"nested"`` (and ``"auto"`` then only considers nested plans);
+            combining it with a Chebyshev strategy is an error.
+        merge: let adjacent groups be merged when the gap between them is too small to pay for a separate
+            level (decided by predicted iterations over all merge patterns; greedily beyond 6 groups).
+        max_degree: largest Chebyshev degree per level.  Chebyshev degrees are of the form ``q * 2**p`` with odd
+            ``q <= 13`` (the ones with a stable step order).
+        max_cycle_length: plans with longer cycles are not considered.
+
+    Returns:
+        The :class:`MultiratePlan` with the fewest predicted iterations to ``tol`` among those considered
+        (ties: smaller perturbation amplification, then shorter cycle).
+
+    Raises:
+        ValueError: naming the problem -- empty, unsorted or overlapping groups, more than :data:`MAX_GROUPS`
+            groups, a spectrum wider than ``lambda_max / lambda_min = 1e150``, a bad group end, ``tol``
+            outside (0, 1), unknown ``strategy`` or ``rate_rule``, or no plan within the limits.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if rate_rule not in RATE_RULES:
+        raise ValueError(f"unknown rate_rule {rate_rule!r}; choose one of {', '.join(RATE_RULES)}")
+    spectrum = validate_groups(groups)
+    tol = check_tol(tol)
+    if rate_rule == "safe" and strategy in ("chebyshev", "chebyshev-nested"):
+        raise ValueError(
+            f"rate_rule='safe' is a single-rate rule (eta_k = 1/b_k) and applies to strategy='nested' only, "
+            f"not to strategy={strategy!r}"
+        )
+    if isinstance(max_degree, bool) or not isinstance(max_degree, (int, np.integer)) or max_degree < 1:
+        raise ValueError(f"max_degree must be an integer >= 1, got {max_degree!r}")
+    if (
+        isinstance(max_cycle_length, bool)
+        or not isinstance(max_cycle_length, (int, np.integer))
+        or max_cycle_length < 1
+    ):
+        raise ValueError(f"max_cycle_length must be an integer >= 1, got {max_cycle_length!r}")
+    if not isinstance(merge, (bool, np.bool_)):
+        raise ValueError(f"merge must be True or False, got {merge!r}")
+
+    n = len(spectrum)
+    if n > MAX_GROUPS:
+        raise ValueError(
+            f"groups has {n} groups; plan_multirate plans for at most {MAX_GROUPS} (the search over merge patterns "
+            f"and degrees grows steeply with the count): merge adjacent groups before planning"
+        )
+    all_merged = (tuple(range(n)),)
+    options: list[tuple[str, _Candidate, tuple[tuple[int, ...], ...]]] = []
+
+    def add(label: str, found: list[tuple[_Candidate, tuple[tuple[int, ...], ...]]]) -> None:
+        for cand, members in found:
+            # Under "auto", a Chebyshev-nested plan over one merged group *is* the plain Chebyshev cycle.
+            lab = "chebyshev" if (strategy == "auto" and label != "nested" and members == all_merged) else label
+            options.append((lab, cand, members))
+
+    if strategy in ("nested", "auto"):
+        add("nested", _best_over_merges(spectrum, "nested", rate_rule, tol, max_degree, max_cycle_length, merge))
+    if strategy == "chebyshev-nested" or (strategy == "auto" and rate_rule == "optimal"):
+        add(
+            "chebyshev-nested",
+            _best_over_merges(spectrum, "chebyshev", rate_rule, tol, max_degree, max_cycle_length, merge),
+        )
+    if strategy == "chebyshev" or (strategy == "auto" and rate_rule == "optimal" and not merge and n > 1):
+        cand = _search(spectrum, all_merged, "chebyshev", rate_rule, tol, max_degree, max_cycle_length)
+        if cand is not None:
+            options.append(("chebyshev", cand, all_merged))
+    if not options:
+        raise ValueError(
+            f"no {strategy} plan with cycle length <= {max_cycle_length} and degree <= {max_degree} "
+            f"contracts every group; raise the limits or merge groups"
+        )
+
+    # Re-evaluate the most promising few on the fine grid (counts may grow by one there) and pick the best.
+    options.sort(key=lambda o: (o[1].predicted, o[1].cycle_length))
+    finalists = options[:3]
+    plans = []
+    for label, cand, members in finalists:
+        kind = "nested" if label == "nested" else "chebyshev"
+        counts = fine_counts(spectrum, members, kind, rate_rule, cand.degrees, tol)
+        if counts is None or cycle_length_of(cand.degrees, counts) > max_cycle_length:
+            continue
+        plans.append(assemble(spectrum, members, label, rate_rule, cand.degrees, counts, tol))
+    if not plans:
+        raise ValueError(f"no {strategy} plan contracts every group on the fine grid; merge groups")
+    rank = {"nested": 0, "chebyshev-nested": 1, "chebyshev": 2}
+    return min(
+        plans,
+        key=lambda p: (
+            p.predicted_iterations(), p.perturbation_amplification, p.cycle_length, rank[p.strategy]
+        ),
+    )
