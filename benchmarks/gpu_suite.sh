@@ -27,7 +27,7 @@
 # NOTE: [merged toolkit root]
 # torch's CMake wants one CUDA root holding nvcc, cudart, cuBLAS and nvrtc. When CUDA_HOME lacks cuBLAS or
 # nvrtc (they may come only with the torch wheel's nvidia-* packages), the build uses the merged root of
-# scripts/cuda_toolkit_root.sh (DESIGN.md section 3), as scripts/check_cuda_build.sh does.
+# scripts/cuda_toolkit_root.sh (docs/design.md section 3), as scripts/check_cuda_build.sh does.
 set -u
 
 usage() { echo "usage: $0 [--dry-run] [--skip-build] [--budget SECONDS] OUT_DIR" >&2; exit 2; }

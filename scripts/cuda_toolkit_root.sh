@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the merged CUDA toolkit root that a GPU-less machine needs to compile and link mrgd_ext's CUDA code
-# against a CUDA build of torch (DESIGN.md section 3), and print its path.
+# against a CUDA build of torch (docs/design.md section 3), and print its path.
 #
 # usage: scripts/cuda_toolkit_root.sh ROOT_DIR [PYTHON]
 #   ROOT_DIR  folder to (re)build; created when missing. It only ever holds symlinks and a marker file.

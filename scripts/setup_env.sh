@@ -24,9 +24,10 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   "${pip[@]}" "$torch_spec"
 fi
 # Build tools and the test/demo dependencies (build isolation is off so the build sees the installed torch;
-# torch is pinned in the same call so no dependency, curvlinops included, can move it).
-"${pip[@]}" "$torch_spec" numpy "pybind11>=2.12" "scikit-build-core>=0.10" "cmake>=3.26" ninja \
-  pytest scipy scikit-learn matplotlib tqdm curvlinops-for-pytorch
+# the installed torch is pinned in the same call so no dependency, curvlinops included, can move it).
+installed_torch="torch==$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
+"${pip[@]}" "$installed_torch" numpy "pybind11>=2.12" "scikit-build-core>=0.10" "cmake>=3.26" ninja \
+  pytest pytest-timeout scipy scikit-learn matplotlib tqdm ruff mypy curvlinops-for-pytorch
 
 echo "[setup] building mrgd_ext against $("$py" -c 'import torch; print(torch.__version__)')"
 ( cd "$repo" && "${pip[@]}" --no-build-isolation --no-deps . )

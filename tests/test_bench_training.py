@@ -18,6 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_training.py"
 
+pytestmark = pytest.mark.integration
+
 pytest.importorskip("sklearn")
 
 sys.path.insert(0, str(SCRIPT.parent))

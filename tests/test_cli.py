@@ -46,6 +46,7 @@ def one_line_error(stderr: str) -> str:
 # plan, info, help, argument mistakes
 
 
+@pytest.mark.integration
 def test_plan_prints_a_table_and_json():
     out = run_cli("plan", "--groups", "1:2,1e-3:2e-3", "--strategy", "nested")
     assert out.returncode == 0, out.stderr
@@ -112,6 +113,7 @@ def test_help_on_every_command(capsys):
         assert " ".join(["mrgd-ext", *cmd]) in out.splitlines()[0]
 
 
+@pytest.mark.integration
 def test_info_reports_the_build():
     out = run_cli("info", "--json")
     info = json.loads(out.stdout)
@@ -122,6 +124,7 @@ def test_info_reports_the_build():
 # demo
 
 
+@pytest.mark.integration
 def test_demo_compares_mrgd_sgd_and_heavy_ball_and_writes_the_plot(tmp_path):
     out_dir, js = tmp_path / "sub", tmp_path / "demo.json"
     png = out_dir / "mrgd_demo.png"
@@ -159,6 +162,7 @@ def test_demo_compares_mrgd_sgd_and_heavy_ball_and_writes_the_plot(tmp_path):
     assert len(mrgd["history"]["loss"]) == 1401
 
 
+@pytest.mark.integration
 def test_demo_without_matplotlib_or_scikit_learn_says_what_to_install():
     out = run_blocking("matplotlib", "demo", "--seeds", "1")
     assert out.returncode == 2
@@ -173,6 +177,7 @@ def test_demo_without_matplotlib_or_scikit_learn_says_what_to_install():
 # spectrum
 
 
+@pytest.mark.integration
 def test_spectrum_of_the_diabetes_problem_matches_its_exact_eigenvalues(tmp_path):
     out = run_cli("spectrum", "--problem", "diabetes", "-k", "5", "--block-size", "2", "--probes", "3", "--order",
                   "11", "--check-dense", "--out", tmp_path, "--json", tmp_path / "s.json", "--quiet")
@@ -194,6 +199,7 @@ def test_spectrum_of_the_diabetes_problem_matches_its_exact_eigenvalues(tmp_path
     assert "Top 5 eigenvalues" in out.stdout and "Dense check" in out.stdout
 
 
+@pytest.mark.integration
 def test_spectrum_of_a_user_model_file(tmp_path):
     model_file = tmp_path / "my_model.py"
     model_file.write_text(textwrap.dedent("""
@@ -243,6 +249,7 @@ def test_spectrum_model_file_mistakes_give_one_line(tmp_path, body, needle, caps
 # reproduce
 
 
+@pytest.mark.integration
 def test_reproduce_fig3_writes_json_markdown_and_png_with_a_progress_bar(tmp_path):
     out = run_cli("reproduce", "fig3", "--seeds", "1", "--problems", "two_scales", "--out", tmp_path / "r")
     assert out.returncode == 0, out.stderr
@@ -255,6 +262,7 @@ def test_reproduce_fig3_writes_json_markdown_and_png_with_a_progress_bar(tmp_pat
     assert "Figure 3" in out.stderr and "run" in out.stderr  # the tqdm bar (not --quiet)
 
 
+@pytest.mark.integration
 def test_reproduce_without_tqdm_runs_and_says_so_once(tmp_path):
     out = run_blocking("tqdm", "reproduce", "fig3", "--seeds", "1", "--problems", "two_scales", "--no-plot",
                        "--out", tmp_path)
@@ -327,6 +335,7 @@ def fake_suite(tmp_path):
     return suite
 
 
+@pytest.mark.integration
 def test_bench_runs_the_suite_records_failures_and_timeouts(fake_suite, tmp_path):
     listing = subprocess.run([sys.executable, fake_suite / "run_all.py", "--list"], capture_output=True, text=True)
     names = [line.split()[0] for line in listing.stdout.splitlines()]
@@ -353,6 +362,7 @@ def test_bench_runs_the_suite_records_failures_and_timeouts(fake_suite, tmp_path
     assert "boom" in (out_dir / "logs" / "bench_lanczos_broken.log").read_text()
 
 
+@pytest.mark.integration
 def test_bench_full_run_collects_the_files_of_a_benchmark_without_out(fake_suite, tmp_path):
     out = run_cli("bench", "--benchmarks", fake_suite, "--only", "bench_lanczos_z_noout", "--out", tmp_path,
                   "--quiet")
@@ -363,6 +373,7 @@ def test_bench_full_run_collects_the_files_of_a_benchmark_without_out(fake_suite
     assert "| bench_lanczos_z_noout | ok |" in summary and "## No-out table" in summary
 
 
+@pytest.mark.integration
 def test_bench_on_another_device_skips_device_free_benchmarks_and_rejects_unknown_names(fake_suite, tmp_path):
     out = run_cli("bench", "--benchmarks", fake_suite, "--device", "cuda", "--only", "fig3", "--out", tmp_path,
                   "--quiet")
@@ -382,6 +393,7 @@ GPU_STEPS = ["preflight", "build", "verify", "test-cuda-kernels", "test-cuda-mar
              "benchmarks"]
 
 
+@pytest.mark.integration
 def test_gpu_suite_parses_and_its_dry_run_lists_every_step_and_writes_nothing(tmp_path):
     assert subprocess.run(["bash", "-n", GPU_SUITE], capture_output=True).returncode == 0
     env = {**os.environ, "PYTHON": sys.executable}
@@ -394,6 +406,7 @@ def test_gpu_suite_parses_and_its_dry_run_lists_every_step_and_writes_nothing(tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_gpu_suite_records_a_failed_step_skips_what_depends_on_it_and_exits_1(tmp_path):
     # An interpreter that fails at once stands in for a machine without a usable GPU: the suite must write
     # its summary and exit 1 without building or installing anything.
@@ -415,6 +428,7 @@ _TINY_ROWS = ("--hidden", "16,8", "--samples", "160")
 
 
 @pytest.mark.parametrize("figure", ["fig1", "fig2", "fig4"])
+@pytest.mark.integration
 def test_reproduce_row_figures_write_json_and_png(tmp_path, figure):
     quiet = ("--quiet",) if figure != "fig1" else ()
     out = run_cli("reproduce", figure, *_TINY_ROWS, "--out", tmp_path / "r", *quiet)
@@ -434,6 +448,7 @@ def test_reproduce_row_figures_write_json_and_png(tmp_path, figure):
         assert out.stderr == ""
 
 
+@pytest.mark.integration
 def test_reproduce_fig2_without_plot_on_the_multiscale_generator(tmp_path):
     out = run_cli("reproduce", "fig2", "--dataset", "multiscale", "--hidden", "8,4", "--samples", "80",
                   "--milestones", "0.99", "--max-steps", "2", "--no-plot", "--quiet", "--out", tmp_path)
@@ -464,6 +479,7 @@ def test_reproduce_row_figure_mistakes_give_one_line(argv, needle, capsys, tmp_p
     assert line.startswith(f"mrgd-ext reproduce {argv[1]}: error:") and needle in line
 
 
+@pytest.mark.integration
 def test_reproduce_row_figure_without_matplotlib_says_what_to_install(tmp_path):
     out = run_blocking("matplotlib", "reproduce", "fig4", "--out", tmp_path)
     assert out.returncode == 2
@@ -471,6 +487,7 @@ def test_reproduce_row_figure_without_matplotlib_says_what_to_install(tmp_path):
     assert "needs matplotlib" in line and "--no-plot" in line
 
 
+@pytest.mark.integration
 def test_reproduce_blog_end_to_end(tmp_path):
     out = tmp_path / "walk"
     proc = run_cli("reproduce", "blog", "--samples", "300", "--dims", "4,4,8", "--max-iter", "300", "--out",
@@ -489,6 +506,7 @@ def test_reproduce_blog_end_to_end(tmp_path):
     assert "## 4. Training" in (out / "blog.md").read_text()
 
 
+@pytest.mark.integration
 def test_reproduce_blog_mistakes_are_one_line():
     proc = run_cli("reproduce", "blog", "--dims", "4,4", "--scales", "1,0.1,0.01")
     assert proc.returncode == 2

@@ -15,6 +15,11 @@ import torch.multiprocessing as mp
 
 from mrgd_ext import MrGD
 
+# Two ranks that could deadlock in a collective: a hang must fail the run. The ranks are not daemons, so a
+# timeout raised in the test would leave interpreter exit waiting on them; pytest-timeout's thread method
+# (stack dump, then exit of the whole run) bounds it instead.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300, method="thread")]
+
 N, R, STEPS = 1001, 4, 3
 BASE_LR, RATES = 0.3, [0.01, 0.02, 0.05, 0.1]
 

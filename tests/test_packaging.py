@@ -58,7 +58,7 @@ def _run(cmd, cwd, timeout, what):
     return proc
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     version = _version()
     wheels = tmp_path / "wheels"

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused multirate subspace step (DESIGN.md 1.4), two passes over all parameters at once:
+// CUDA kernels of the fused multirate subspace step (docs/design.md 1.4), two passes over all parameters at once:
 //   subspace_project: c = U^T geff              U = basis [r, n_total], geff = effective_gradient(p, g)
 //   subspace_step_:   p <- subspace_update(p, g, sum_k U[k, i] * coeffs[k], lr, wd, factor)
 // over the flat concatenation of the parameters. The per-element arithmetic is shared with the CPU kernels

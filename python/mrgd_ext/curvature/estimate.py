@@ -1,7 +1,7 @@
 """Curvature estimates for data-informed MrGD: the eigen-groups of a Hessian, measured, and a plan from them.
 
 :func:`estimate_curvature` measures what a multirate plan needs from a :class:`mrgd_ext.HessianOperator`
-(DESIGN.md 1.5):
+(docs/design.md 1.5):
 
 * the whole spectrum's shape by stochastic Lanczos quadrature (:func:`mrgd_ext.spectral_density`): where the
   eigenvalue mass lies, hence the groups, including the many-eigenvalue groups of small scale that a top-k

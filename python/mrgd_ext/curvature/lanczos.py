@@ -2,7 +2,7 @@
 
 ``lanczos(op, k)`` finds the ``k`` largest (or smallest, or both ends) eigenpairs of a symmetric operator
 given as a :class:`mrgd_ext.HessianOperator`, a symmetric matrix, or a callable on blocks of vectors. It is the
-spectrum estimator of DESIGN.md section 1.5:
+spectrum estimator of docs/design.md section 1.5:
 
 * block Krylov space from a seeded random start block (CPU generator, moved to the device: same seed, same
   result);

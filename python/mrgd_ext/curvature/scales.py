@@ -1,6 +1,6 @@
 """Eigen-groups (scales) of a spectrum, from the gaps in its log-spectrum.
 
-A multiscale Hessian has eigenvalues in groups of very different size (DESIGN.md 1.1-1.2). On a log scale
+A multiscale Hessian has eigenvalues in groups of very different size (docs/design.md 1.1-1.2). On a log scale
 the groups are runs of closely spaced values separated by wide gaps; :func:`detect_scales` splits the
 sorted positive eigenvalues wherever two neighbours differ by at least a factor ``min_gap`` and returns one
 :class:`mrgd_ext.ScaleGroup` ``[a, b]`` (Hessian scale) per run, sorted descending, which

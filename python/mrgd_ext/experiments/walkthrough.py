@@ -2,7 +2,7 @@
 
 Each step feeds the next, and each is checked against what is known about the problem:
 
-1. multiscale data (DESIGN.md 1.1): a generator with data scales ``e_k``; the measured principal values of the
+1. multiscale data (docs/design.md 1.1): a generator with data scales ``e_k``; the measured principal values of the
    data sit at ``e_k``;
 2. the Hessian mirrors the data: for least squares it is ``X^T X / N``, so its groups sit at ``e_k^2``; the
    curvature estimate (SLQ + Lanczos on Hessian-vector products, never the dense matrix) finds them;

@@ -1,6 +1,6 @@
 """AutoMrGD: data-informed multirate gradient descent that measures its own rates.
 
-MrGD needs the eigen-groups of the Hessian (DESIGN.md 1.2-1.4). :class:`AutoMrGD` measures them from the model
+MrGD needs the eigen-groups of the Hessian (docs/design.md 1.2-1.4). :class:`AutoMrGD` measures them from the model
 and a fixed probe batch (a :class:`mrgd_ext.HessianOperator`) at the start and every ``refresh_every`` steps,
 plans (:func:`mrgd_ext.curvature.plan_from_estimate`) and trains with the fused kernels of :class:`MrGD`:
 

@@ -7,7 +7,7 @@ spectrum; multirate gradient descent (MrGD) instead cycles through learning rate
 its cost is governed by the conditioning *within* groups.  This module turns a list of eigenvalue groups
 into such a cycle and predicts, from the cycle polynomial, how many iterations it needs.
 
-Terms used throughout (see also DESIGN.md section 1.3):
+Terms used throughout (see also docs/design.md section 1.3):
 
 * A group ``G_k = [a_k, b_k]`` is an interval of **Hessian eigenvalues** (not of data scales: a data scale
   ``e`` gives Hessian eigenvalues near ``e**2`` for least squares).  Groups are sorted descending,
