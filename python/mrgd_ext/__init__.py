@@ -12,6 +12,7 @@ from mrgd_ext.planning import MultiratePlan, ScaleGroup, groups_from_scales, pla
 from mrgd_ext.optim import AutoMrGD, MrGD, MultirateLR, mrgd
 from mrgd_ext.curvature import (
     CurvatureEstimate,
+    DistributedOperator,
     HessianOperator,
     LanczosResult,
     SpectralDensity,
@@ -35,6 +36,7 @@ __all__ = [
     "MultirateLR",
     "mrgd",
     "HessianOperator",
+    "DistributedOperator",
     "lanczos",
     "LanczosResult",
     "spectral_density",
