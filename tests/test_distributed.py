@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _spawn import init_gloo, run_ranks
+from _spawn import RUN_TIMEOUT_S, init_gloo, run_ranks
 
 from mrgd_ext import MrGD
 
@@ -464,7 +464,7 @@ def test_example_runs_under_torchrun(tmp_path, script, args, expect):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", path, *args, *extra],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert expect in proc.stdout, proc.stdout
