@@ -8,6 +8,7 @@ from mrgd_ext.curvature.lanczos import LanczosResult, lanczos
 from mrgd_ext.curvature.density import SpectralDensity, TraceEstimate, hutchinson_trace, spectral_density
 from mrgd_ext.curvature.scales import detect_scales
 from mrgd_ext.curvature.estimate import CurvatureEstimate, estimate_curvature, plan_from_estimate
+from mrgd_ext.curvature.distributed import DistributedOperator
 
 __all__ = [
     "LinearOperator",
@@ -25,4 +26,5 @@ __all__ = [
     "CurvatureEstimate",
     "estimate_curvature",
     "plan_from_estimate",
+    "DistributedOperator",
 ]

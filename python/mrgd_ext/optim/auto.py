@@ -45,6 +45,7 @@ from mrgd_ext.curvature.estimate import CurvatureEstimate, estimate_curvature, p
 from mrgd_ext.curvature.lanczos import as_operator, lanczos
 from mrgd_ext.curvature.operator import CurvatureOperator
 from mrgd_ext.optim.mrgd import MrGD
+from mrgd_ext.optim._ddp import global_closure
 from mrgd_ext.planning import MultiratePlan, ScaleGroup, plan_multirate
 
 __all__ = ["AutoMrGD", "MODES"]
@@ -87,6 +88,8 @@ class AutoMrGD(MrGD):
         params: the parameters (one group; tensors, not dicts), all on one device with one dtype.
         hessian: a :class:`mrgd_ext.HessianOperator` (or :class:`mrgd_ext.GGNOperator`) over exactly these parameters, in the same order, on a
             fixed probe batch. It is applied at the parameters' current values whenever a measurement runs.
+            Under DDP: a :class:`mrgd_ext.DistributedOperator` over each rank's probe shard; then the
+            closure's loss is averaged over the ranks too, so every rank takes the same decisions.
         mode: ``"temporal"`` (cycle of rates) or ``"subspace"`` (Ritz vectors + fused subspace step).
         refresh_every: re-measure after this many steps (temporal: at the next cycle start).
         lanczos_tol: residual tolerance of the Lanczos solve (relative to ``|H|``); default 1e-3 in temporal mode
@@ -453,6 +456,7 @@ class AutoMrGD(MrGD):
         if closure is None:
             raise ValueError("AutoMrGD.step needs a closure that computes the loss and its gradients (NOTE: [safety])")
         auto = self.state[_AUTO_KEY]
+        closure = global_closure(closure, self.hessian)  # DistributedOperator probe: the ranks' mean loss
         with torch.enable_grad():
             loss = closure()
         check_point = self._at_check_point()

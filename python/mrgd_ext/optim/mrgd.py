@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from mrgd_ext.ops import reference as _reference
+from mrgd_ext.optim import _dtensor
 from mrgd_ext.ops import step_ops as _ops
 from mrgd_ext._validation import (
     KERNEL_PARAM_DTYPES,
@@ -55,7 +56,7 @@ def cycle_of(plan: Any, name: str = "plan") -> tuple[float, ...]:
 
 def _group_by_device_and_dtype(params: list[torch.Tensor], grads: list[torch.Tensor]):
     buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = defaultdict(lambda: ([], []))
-    for p, g in zip(params, grads):
+    for p, g in zip(*_dtensor.local_pairs(params, grads)):  # DTensors: their local shards (NOTE: [local shards])
         ps, gs = buckets[(p.device, p.dtype)]
         ps.append(p)
         gs.append(g)
@@ -236,7 +237,9 @@ class MrGD(Optimizer):
             base_lr: rate of the complement of the basis span (the smallest-eigenvalue group; large).
             process_group: when parameters are sharded across ranks (FSDP), the projection ``U^T g`` is a
                 partial sum on each rank and is all-reduced over this group; leave ``None`` when every rank
-                holds all parameters (DDP: the step is local and identical on every rank).
+                holds all parameters (DDP: the step is local and identical on every rank). DTensor
+                parameters sharded by ``fully_shard``: ``basis`` may span the global flat parameters (each
+                rank keeps its shards' columns) and the group defaults to the mesh's.
 
         The subspace mode needs a single param group on one device and dtype. It does not walk the cycle.
         """
@@ -249,7 +252,8 @@ class MrGD(Optimizer):
         for i, p in enumerate(params):
             if p.device != device or p.dtype != dtype:
                 raise ValueError(f"subspace mode needs one device and dtype: params[{i}] is {p.dtype} on {p.device}")
-        check_basis(basis, sum(p.numel() for p in params), device)
+        basis, process_group, n_local = _dtensor.prepare_subspace(params, basis, process_group)
+        check_basis(basis, n_local, device)
         base_lr = check_positive_rate(base_lr, "base_lr")
         rates = torch.as_tensor(column_rates, dtype=torch.float64).reshape(-1)
         if rates.numel() != basis.shape[0]:
@@ -286,6 +290,13 @@ class MrGD(Optimizer):
     def step(self, closure=None):
         """Take one step (the next rate of the cycle, or one subspace step). Returns the closure's loss."""
         loss = None
+        # NOTE: [checkpoint initialisation step]
+        # torch.distributed.checkpoint's get/set_optimizer_state_dict "initialise" an optimizer whose state is
+        # empty (temporal MrGD keeps its cycle position in the param groups) by zeroing the gradients, setting
+        # every group's "lr" to 0 and calling step(). MrGD's rate comes from its cycle, "lr" only reports it, so
+        # that call would advance the cycle and apply weight decay: a step with every "lr" at 0 is no step.
+        if closure is None and all(group.get("lr") == 0 for group in self.param_groups):
+            return None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -344,6 +355,7 @@ class MrGD(Optimizer):
             return
         # The basis spans all parameters; a parameter without a gradient contributes a zero gradient.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        params, grads = _dtensor.local_pairs(params, grads)
         basis = sub["basis"]
         check_basis(basis, sum(p.numel() for p in params), params[0].device)
         scale = group["lr_scale"]

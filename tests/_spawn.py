@@ -1,0 +1,47 @@
+"""Run a function on ``world`` gloo ranks (spawned processes) with a hard time limit, so a hang fails a test.
+
+The worker receives ``(rank, world, init_file, out_dir, *args)`` and initialises nothing itself:
+:func:`init_gloo` sets up the process group with a short collective timeout, so a rank left waiting for a
+peer raises instead of blocking.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+#: Seconds any one collective may wait for a peer before gloo raises. Generous: on a loaded machine one rank
+#: can lag another by tens of seconds (importing torch._dynamo for DDP/FSDP alone can take that long).
+COLLECTIVE_TIMEOUT_S = 120
+#: Seconds a whole spawned run may take before the test fails and the ranks are killed. A run takes ~5-20 s
+#: on an idle machine but minutes on a heavily shared one (MRGD_DIST_TIMEOUT overrides).
+RUN_TIMEOUT_S = float(os.environ.get("MRGD_DIST_TIMEOUT", 480))
+
+
+def init_gloo(rank: int, world: int, init_file: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                           timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+
+def run_ranks(fn, world: int, out_dir, *args, timeout: float = RUN_TIMEOUT_S) -> None:
+    """Spawn ``world`` processes running ``fn(rank, world, init_file, out_dir, *args)`` (``out_dir``: a
+    directory for the ranks' results, e.g. pytest's ``tmp_path``). Fails the test when a rank raises or when
+    the run exceeds ``timeout`` seconds (then every rank is killed)."""
+    out_dir = str(out_dir)
+    init_file = os.path.join(out_dir, f"init_{time.monotonic_ns()}")
+    ctx = mp.spawn(fn, args=(world, init_file, out_dir, *args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            pytest.fail(f"{getattr(fn, '__name__', fn)} on {world} ranks did not finish within {timeout} s")
