@@ -12,16 +12,21 @@ from mrgd_ext.planning import MultiratePlan, ScaleGroup, groups_from_scales, pla
 from mrgd_ext.optim import AutoMrGD, MrGD, MultirateLR, mrgd
 from mrgd_ext.curvature import (
     CurvatureEstimate,
+    DiagonalEstimate,
     HessianOperator,
     LanczosResult,
     SpectralDensity,
     TraceEstimate,
     detect_scales,
     estimate_curvature,
+    hutchinson_diagonal,
     hutchinson_trace,
+    hutchpp_trace,
     lanczos,
     plan_from_estimate,
     spectral_density,
+    trace,
+    xtrace,
 )
 
 __all__ = [
@@ -40,7 +45,12 @@ __all__ = [
     "spectral_density",
     "SpectralDensity",
     "hutchinson_trace",
+    "hutchpp_trace",
+    "xtrace",
+    "trace",
     "TraceEstimate",
+    "hutchinson_diagonal",
+    "DiagonalEstimate",
     "detect_scales",
     "CurvatureEstimate",
     "estimate_curvature",
