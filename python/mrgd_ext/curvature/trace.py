@@ -244,7 +244,7 @@ def trace(
     """``tr H`` with at most ``budget`` operator applications.
 
     ``method="auto"`` takes XTrace (the most accurate per product of the three on decaying spectra, such as
-    trained networks' Hessians, and within a small factor of Hutchinson on flat ones; benchmarks/bench_trace.py
+    trained networks' Hessians; benchmarks/bench_lanczos.py --problem wine
     and tests/test_trace.py measure it) when ``budget >= 4``, else Hutchinson. ``"xtrace"``, ``"hutch++"``
     and ``"hutchinson"`` force one (budgets >= 4, >= 6 and >= 2).
     """
