@@ -1,11 +1,20 @@
 """Curvature of a loss: the curvature-operator type, Hessian and generalized Gauss-Newton products, block
-Lanczos, spectral density, trace, scale detection and the estimates AutoMrGD plans from."""
+Lanczos, spectral density, trace and diagonal, scale detection and the estimates AutoMrGD plans from."""
 
 from mrgd_ext.curvature.operator import CurvatureOperator, LinearOperator, as_operator
 from mrgd_ext.curvature.hessian import HessianOperator
 from mrgd_ext.curvature.ggn import GGNOperator
 from mrgd_ext.curvature.lanczos import LanczosResult, lanczos
-from mrgd_ext.curvature.density import SpectralDensity, TraceEstimate, hutchinson_trace, spectral_density
+from mrgd_ext.curvature.density import SpectralDensity, spectral_density
+from mrgd_ext.curvature.trace import (
+    DiagonalEstimate,
+    TraceEstimate,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    trace,
+    xtrace,
+)
 from mrgd_ext.curvature.scales import detect_scales
 from mrgd_ext.curvature.estimate import CurvatureEstimate, estimate_curvature, plan_from_estimate
 from mrgd_ext.curvature.distributed import DistributedOperator
@@ -21,6 +30,11 @@ __all__ = [
     "SpectralDensity",
     "TraceEstimate",
     "hutchinson_trace",
+    "hutchpp_trace",
+    "xtrace",
+    "trace",
+    "DiagonalEstimate",
+    "hutchinson_diagonal",
     "spectral_density",
     "detect_scales",
     "CurvatureEstimate",
