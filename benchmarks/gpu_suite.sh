@@ -179,8 +179,8 @@ print("build_info", info)
 assert info["cuda"] is True, "build_info()[\"cuda\"] is not True: the CUDA kernels were not compiled"
 want = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
 assert not want or want in info["cuda_archs"], (want, info["cuda_archs"])
-missing = [op for op in ("multirate_step_", "subspace_project", "subspace_step_")
-           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"mrgd_ext::{op}", "CUDA")]
+from mrgd_ext.ops.registry import OPS
+missing = [name for name, op in OPS.items() if not op.has_kernel("cuda")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 p = torch.arange(1000, dtype=torch.float32, device="cuda").requires_grad_()
 g = torch.ones_like(p)

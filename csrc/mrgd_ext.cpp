@@ -1,6 +1,9 @@
-// Operator schemas of the mrgd_ext namespace and the pybind11 module mrgd_ext._C (build information).
-// Importing mrgd_ext._C loads this library, which registers the schemas below and the CPU (and, in a CUDA
-// build, CUDA) implementations registered in csrc/cpu and csrc/cuda.
+// Every operator schema of the mrgd_ext namespace, the CPU kernels of the operators that are not element-wise
+// (the element-wise ones register themselves from MRGD_ELEMENTWISE_OPS, NOTE: [element-wise ops]), and the
+// pybind11 module mrgd_ext._C (build information). Importing mrgd_ext._C loads this library, which registers
+// the schemas below and the CPU (and, in a CUDA build, CUDA) implementations of csrc/cpu and csrc/cuda. The
+// Python side lists the same operators once, in python/mrgd_ext/ops/registry.py (fake implementations,
+// references, dtypes); tests/test_registry.py checks that the two agree.
 #include <pybind11/pybind11.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
@@ -8,10 +11,12 @@
 
 #include "mrgd_ext/cpu_kernel_table.h"
 
+#include "mrgd_ext/lanczos.h"
 #include "mrgd_ext/ops.h"
 
 TORCH_LIBRARY(mrgd_ext, m) {
-  // Fused multi-tensor multirate (temporal) step: every parameter of one (device, dtype) group in one call.
+  // Element-wise ops (one functor each in csrc/include/mrgd_ext/elementwise_ops.h):
+  // fused multi-tensor multirate (temporal) step: every parameter of one (device, dtype) group in one call.
   m.def(
       "multirate_step_(Tensor(a!)[] params, Tensor[] grads, float lr, float weight_decay, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
@@ -23,12 +28,18 @@ TORCH_LIBRARY(mrgd_ext, m) {
   m.def(
       "subspace_step_(Tensor(a!)[] params, Tensor[] grads, Tensor basis, Tensor coeffs, float lr, "
       "float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Lanczos: `rounds` rounds of classical Gram-Schmidt of the rows of `vectors` [b, n] against the
+  // orthonormal rows of `basis` [m, n], in place, plus the Gram matrix of the result and the squared norms of
+  // the input rows, in as few passes over n as the data dependencies allow (csrc/include/mrgd_ext/lanczos.h).
+  m.def(
+      "block_orthogonalize_(Tensor basis, Tensor(a!) vectors, int rounds=2) -> (Tensor coeffs, Tensor gram, "
+      "Tensor in_norms_sq)");
 }
 
 TORCH_LIBRARY_IMPL(mrgd_ext, CPU, m) {
-  m.impl("multirate_step_", &mrgd_ext::multirate_step_cpu);
   m.impl("subspace_project", &mrgd_ext::subspace_project_cpu);
   m.impl("subspace_step_", &mrgd_ext::subspace_step_cpu);
+  m.impl("block_orthogonalize_", &mrgd_ext::block_orthogonalize_cpu);
 }
 
 namespace py = pybind11;

@@ -60,9 +60,14 @@ fi
 grep -E "mrgd_ext: torch" "$log" || true
 step "build done"
 
-# Load the extension module itself, not the mrgd_ext package: the package's Python modules are not what
-# this step checks, and loading the library is what registers the operators.
-(cd / && "$py" - <<'EOF') || fail "the installed extension does not register working CUDA kernels (see above)"
+# The operator names come from the registry (python/mrgd_ext/ops/registry.py), the one list of them.
+ops=$(cd / && "$py" -m mrgd_ext.ops.registry) || fail "cannot read the operator names from mrgd_ext.ops.registry"
+[[ -n $ops ]] || fail "mrgd_ext.ops.registry lists no operator"
+step "operators: $(echo $ops)"
+
+# Load the extension module itself, not the mrgd_ext package: loading the library is what registers the
+# operators, and the check below must see what the library alone registers.
+(cd / && MRGD_OPS="$ops" "$py" - <<'EOF') || fail "the installed extension does not register working CUDA kernels (see above)"
 import glob, importlib.machinery, importlib.util, os, subprocess, sys
 import torch
 
@@ -83,7 +88,7 @@ assert "9.0" in info["cuda_archs"], f"unexpected cuda_archs {info['cuda_archs']!
 assert info["torch_version"] == torch.__version__, (info["torch_version"], torch.__version__)
 
 missing = []
-for op in ("multirate_step_", "subspace_project", "subspace_step_", "block_orthogonalize_"):
+for op in os.environ["MRGD_OPS"].split():
     for key in ("CPU", "CUDA"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"mrgd_ext::{op}", key):
             missing.append(f"mrgd_ext::{op} [{key}]")

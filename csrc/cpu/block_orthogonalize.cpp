@@ -21,17 +21,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "mrgd_ext/cpu_chunks.h"
 #include "mrgd_ext/cpu_kernel_table.h"
 #include "mrgd_ext/lanczos.h"
-#include "mrgd_ext/lanczos_math.h"
 
 namespace mrgd_ext {
 namespace {
@@ -42,69 +38,6 @@ constexpr int64_t kSuperChunk = 1 << 15;
 // Bytes of Q and V columns one sub-chunk may touch: small enough to stay in a core's L2 cache between the
 // subtraction and the projection of the same sub-chunk (NOTE: [fused passes]).
 constexpr int64_t kSubChunkBytes = 256 << 10;
-
-struct PassArgs {
-  const void* basis;  // Q [m, ldq]
-  int64_t ldq;
-  int64_t m;
-  void* vectors;  // V [b, ldv]
-  int64_t ldv;
-  int64_t b;
-  int64_t sub_len;        // columns per sub-chunk of the passes that subtract
-  int64_t first_sub_len;  // columns per sub-chunk of the first pass (NOTE: [first pass sub-chunks])
-  const void* coef;   // [b, m] coefficients (storage type) to subtract in this pass; nullptr on the first pass
-  bool project;       // accumulate the next round's coefficients (otherwise the Gram matrix of the result)
-};
-
-using ChunkPassFn = void (*)(const PassArgs&, int64_t, int64_t, double*, double*, double*);
-
-}  // namespace
-}  // namespace mrgd_ext
-
-// The element loops, once per instruction set (NOTE: [CPU instruction-set dispatch] in cpu_kernel_table.h;
-// here the AVX2 copy is compiled under a target pragma instead of a separate translation unit, and every
-// function involved has internal linkage).
-namespace mrgd_ext {
-namespace {
-#define MRGD_BO_ISA baseline
-#include "block_orthogonalize_loops.inc"
-#undef MRGD_BO_ISA
-}  // namespace
-}  // namespace mrgd_ext
-
-#if defined(MRGD_HAVE_AVX2_KERNELS) && (defined(__x86_64__) || defined(_M_X64))
-#define MRGD_BO_HAVE_AVX2 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
-namespace mrgd_ext {
-namespace {
-#define MRGD_BO_ISA avx2
-#include "block_orthogonalize_loops.inc"
-#undef MRGD_BO_ISA
-}  // namespace
-}  // namespace mrgd_ext
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
-#endif
-
-namespace mrgd_ext {
-namespace {
-
-// Follows the choice of the library's CPU kernel table, so mrgd_ext._C._set_cpu_isa selects these loops too
-// (the AVX2 table is only chosen on CPUs that support AVX2 and FMA).
-ChunkPassFn select_loops(bool f64) {
-#if defined(MRGD_BO_HAVE_AVX2)
-  if (std::strcmp(cpu::kernel_table().isa, "avx2") == 0) return f64 ? &avx2::chunk_pass_f64 : &avx2::chunk_pass_f32;
-#endif
-  return f64 ? &baseline::chunk_pass_f64 : &baseline::chunk_pass_f32;
-}
 
 // Columns per sub-chunk such that `rows` rows of them fit the cache budget, a multiple of 64, at least 256.
 int64_t sub_chunk_length(int64_t rows, int64_t elem) {
@@ -134,13 +67,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthogonalize_cpu(const at:
   if (b == 0 || n == 0) return {coeffs, gram, norms};
 
   const bool f64 = vectors.scalar_type() == at::kDouble;
-  const ChunkPassFn fn = select_loops(f64);
+  // The element loops of the selected CPU kernel table (NOTE: [CPU instruction-set dispatch]).
+  const cpu::BlockOrthogonalizePassFn fn = cpu::kernel_table().block_orthogonalize[f64 ? 1 : 0];
   // Projecting against an empty basis changes nothing: only the Gram/norm pass is needed.
   const int64_t eff_rounds = m == 0 ? 0 : rounds;
   const int64_t num_super = (n + kSuperChunk - 1) / kSuperChunk;
   const int64_t grain = n * (m + b) >= cpu::kParallelThreshold ? 1 : num_super;
 
-  PassArgs a{};
+  cpu::BlockOrthogonalizePass a{};
   a.basis = basis.data_ptr();
   a.ldq = leading_dim(basis);
   a.m = m;
@@ -195,5 +129,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthogonalize_cpu(const at:
 }
 
 }  // namespace mrgd_ext
-
-TORCH_LIBRARY_IMPL(mrgd_ext, CPU, m) { m.impl("block_orthogonalize_", &mrgd_ext::block_orthogonalize_cpu); }

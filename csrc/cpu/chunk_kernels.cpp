@@ -10,6 +10,7 @@
 #endif
 
 #include "mrgd_ext/cpu_kernel_table.h"
+#include "mrgd_ext/elementwise_ops.h"
 #include "mrgd_ext/update_math.h"
 
 #ifndef MRGD_CPU_ISA
@@ -82,6 +83,7 @@ struct Basis<kBasisF64> : Storage<kF64> {};
 struct F8 {
   __m256 v;
   F8(__m256 x) : v(x) {}
+  F8() = default;
   explicit F8(float x) : v(_mm256_set1_ps(x)) {}
 };
 static inline F8 operator+(F8 a, F8 b) { return _mm256_add_ps(a.v, b.v); }
@@ -137,30 +139,48 @@ template <int Kind>
 constexpr bool kHasLanes = false;
 #endif
 
-template <int Kind>
-void step_chunk(void* p_, const void* g_, int64_t len, double lr, double weight_decay, double factor) {
+// Fn::apply on every element of one chunk of every list (NOTE: [element-wise ops]). The lists are read
+// through separate pointers that never alias (each list holds distinct tensors; the caller checks).
+template <typename Fn, int Kind>
+void elementwise_chunk(void* const* x, int64_t len, const double* s) {
   using S = Storage<Kind>;
+  using raw = typename S::raw;
   using acc = typename S::acc;
-  auto* __restrict p = static_cast<typename S::raw*>(p_);
-  const auto* __restrict g = static_cast<const typename S::raw*>(g_);
-  const acc lr_a = static_cast<acc>(lr), wd_a = static_cast<acc>(weight_decay), f_a = static_cast<acc>(factor);
+  constexpr int N = Fn::kLists;
+  constexpr int K = kNumScalars<Fn>;
+  raw* ptr[N];
+  for (int j = 0; j < N; ++j) ptr[j] = static_cast<raw*>(x[j]);
+  acc s_a[K + 1];  // + 1: an op may take no scalars
+  for (int k = 0; k < K; ++k) s_a[k] = static_cast<acc>(s[k]);
   int64_t i = 0;
 #if defined(__AVX2__)
   if constexpr (kHasLanes<Kind>) {
-    const F8 lr8(lr_a), wd8(wd_a), f8(f_a);
+    F8 s8[K + 1];
+    for (int k = 0; k < K; ++k) s8[k] = F8(s_a[k]);
     for (; i + 16 <= len; i += 16) {
-      const F8 lo = multirate_update<F8>(Lanes<Kind>::load(p + i), Lanes<Kind>::load(g + i), lr8, wd8, f8);
-      const F8 hi = multirate_update<F8>(Lanes<Kind>::load(p + i + 8), Lanes<Kind>::load(g + i + 8), lr8, wd8, f8);
-      Lanes<Kind>::store2(p + i, lo, hi);
+      F8 lo[N], hi[N];
+      for (int j = 0; j < N; ++j) {
+        lo[j] = Lanes<Kind>::load(ptr[j] + i);
+        hi[j] = Lanes<Kind>::load(ptr[j] + i + 8);
+      }
+      Fn::template apply<F8>(lo, s8);
+      Fn::template apply<F8>(hi, s8);
+      for (int j = 0; j < Fn::kUpdated; ++j) Lanes<Kind>::store2(ptr[j] + i, lo[j], hi[j]);
     }
     for (; i + 8 <= len; i += 8) {
-      Lanes<Kind>::store(p + i, multirate_update<F8>(Lanes<Kind>::load(p + i), Lanes<Kind>::load(g + i), lr8, wd8, f8));
+      F8 v[N];
+      for (int j = 0; j < N; ++j) v[j] = Lanes<Kind>::load(ptr[j] + i);
+      Fn::template apply<F8>(v, s8);
+      for (int j = 0; j < Fn::kUpdated; ++j) Lanes<Kind>::store(ptr[j] + i, v[j]);
     }
   }
 #endif
 #pragma omp simd
-  for (int64_t j = i; j < len; ++j) {
-    p[j] = S::store(multirate_update<acc>(S::load(p[j]), S::load(g[j]), lr_a, wd_a, f_a));
+  for (int64_t e = i; e < len; ++e) {
+    acc v[N];
+    for (int j = 0; j < N; ++j) v[j] = S::load(ptr[j][e]);
+    Fn::template apply<acc>(v, s_a);
+    for (int j = 0; j < Fn::kUpdated; ++j) ptr[j][e] = S::store(v[j]);
   }
 }
 
@@ -216,7 +236,9 @@ void subspace_step_chunk(void* p_, const void* g_, int64_t len, const void* U_, 
 
 template <int Kind>
 constexpr void fill_row(KernelTable& t) {
-  t.step[Kind] = &step_chunk<Kind>;
+#define MRGD_FILL_ELEMENTWISE(Fn) t.elementwise[kOp##Fn][Kind] = &elementwise_chunk<Fn, Kind>;
+  MRGD_ELEMENTWISE_OPS(MRGD_FILL_ELEMENTWISE)
+#undef MRGD_FILL_ELEMENTWISE
   t.project[Kind][kBasisF32] = &project_chunk<Kind, kBasisF32>;
   t.project[Kind][kBasisBF16] = &project_chunk<Kind, kBasisBF16>;
   t.project[Kind][kBasisF64] = &project_chunk<Kind, kBasisF64>;
@@ -234,6 +256,8 @@ constexpr KernelTable make_table() {
   fill_row<kF64>(t);
   fill_row<kBF16>(t);
   fill_row<kF16>(t);
+  t.block_orthogonalize[0] = &block_orthogonalize_pass_f32;
+  t.block_orthogonalize[1] = &block_orthogonalize_pass_f64;
   return t;
 }
 

@@ -50,14 +50,14 @@ __device__ __forceinline__ double warp_sum(double v) {
 // of the parameters, as the CPU chunk loops do; everything after that is in double.
 template <typename scalar_t, typename basis_t, int R>
 __global__ void __launch_bounds__(kThreads)
-    subspace_project_kernel(const cuda::TensorPack meta, const basis_t* __restrict__ U, int64_t ld, int r,
+    subspace_project_kernel(const cuda::TensorPack<2> meta, const basis_t* __restrict__ U, int64_t ld, int r,
                             at::opmath_type<scalar_t> weight_decay, bool maximize, const float* __restrict__ grad_scale,
                             double* __restrict__ partial, int64_t num_chunks, int64_t chunk_base) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t factor = gradient_factor<opmath_t>(maximize, grad_scale);
   const cuda::ChunkWork w = cuda::find_chunk<kChunk>(meta);
-  const scalar_t* __restrict__ p = static_cast<const scalar_t*>(meta.p[w.t]) + w.begin;
-  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.g[w.t]) + w.begin;
+  const scalar_t* __restrict__ p = static_cast<const scalar_t*>(meta.ptr[0][w.t]) + w.begin;
+  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.ptr[1][w.t]) + w.begin;
   const basis_t* __restrict__ u = U + meta.flat_offset[w.t] + w.begin;  // column of this chunk's first element
 
   opmath_t acc[R];
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, typename basis_t>
 __global__ void __launch_bounds__(kThreads)
-    subspace_step_kernel(const cuda::TensorPack meta, const basis_t* __restrict__ U, int64_t ld, int r,
+    subspace_step_kernel(const cuda::TensorPack<2> meta, const basis_t* __restrict__ U, int64_t ld, int r,
                          const at::opmath_type<scalar_t>* __restrict__ coeffs, at::opmath_type<scalar_t> lr,
                          at::opmath_type<scalar_t> weight_decay, bool maximize, const float* __restrict__ grad_scale,
                          const float* __restrict__ found_inf) {
@@ -120,8 +120,8 @@ __global__ void __launch_bounds__(kThreads)
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler skipped this step
   const opmath_t factor = gradient_factor<opmath_t>(maximize, grad_scale);
   const cuda::ChunkWork w = cuda::find_chunk<kChunk>(meta);
-  scalar_t* __restrict__ p = static_cast<scalar_t*>(meta.p[w.t]) + w.begin;
-  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.g[w.t]) + w.begin;
+  scalar_t* __restrict__ p = static_cast<scalar_t*>(meta.ptr[0][w.t]) + w.begin;
+  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.ptr[1][w.t]) + w.begin;
   const basis_t* __restrict__ u = U + meta.flat_offset[w.t] + w.begin;
   for (int i = threadIdx.x; i < w.len; i += kThreads) {
     // Summed from k = 0 upwards in the arithmetic type, as the CPU kernel does, so both round alike.
@@ -192,7 +192,7 @@ at::Tensor subspace_project_cuda(at::TensorList params, at::TensorList grads, co
     const basis_t* U = static_cast<const basis_t*>(basis.data_ptr());
     auto launch_with = [&](auto bucket) {
       constexpr int R = decltype(bucket)::value;
-      cuda::for_each_launch<kChunk>(params, grads, [&](const cuda::TensorPack& meta, int64_t blocks, int64_t chunk_base) {
+      cuda::for_each_launch<kChunk, 2>({params, grads}, [&](const cuda::TensorPack<2>& meta, int64_t blocks, int64_t chunk_base) {
         subspace_project_kernel<scalar_t, basis_t, R><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
             meta, U, n_total, ri, static_cast<opmath_t>(weight_decay), maximize, scale_ptr, partial_ptr, num_chunks,
             chunk_base);
@@ -237,7 +237,7 @@ void subspace_step_cuda(at::TensorList params, at::TensorList grads, const at::T
     const basis_t* U = static_cast<const basis_t*>(basis.data_ptr());
     // coeffs has the arithmetic type of the parameters (coefficient_dtype == opmath type), checked above.
     const opmath_t* w = static_cast<const opmath_t*>(coeffs.data_ptr());
-    cuda::for_each_launch<kChunk>(params, grads, [&](const cuda::TensorPack& meta, int64_t blocks, int64_t /*chunk_base*/) {
+    cuda::for_each_launch<kChunk, 2>({params, grads}, [&](const cuda::TensorPack<2>& meta, int64_t blocks, int64_t /*chunk_base*/) {
       subspace_step_kernel<scalar_t, basis_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           meta, U, n_total, ri, w, static_cast<opmath_t>(lr), static_cast<opmath_t>(weight_decay), maximize,
           scale_ptr, inf_ptr);

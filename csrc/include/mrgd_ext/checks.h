@@ -7,31 +7,44 @@
 
 namespace mrgd_ext {
 
-inline void check_param_grad_lists(at::TensorList params, at::TensorList grads) {
-  TORCH_CHECK(params.size() == grads.size(), "mrgd_ext: params and grads must have the same length, got ",
-              params.size(), " and ", grads.size());
+// n tensor lists of one op (params, grads, state...): equal lengths, and element i of every list dense,
+// contiguous, with the numel of params[i]; every tensor of one dtype and one device.
+inline void check_tensor_lists(const at::TensorList* lists, const char* const* names, int n) {
+  const at::TensorList params = lists[0];
+  for (int j = 1; j < n; ++j)
+    TORCH_CHECK(lists[j].size() == params.size(), "mrgd_ext: ", names[0], " and ", names[j],
+                " must have the same length, got ", params.size(), " and ", lists[j].size());
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(p.layout() == at::kStrided && g.layout() == at::kStrided,
-                "mrgd_ext: params[", i, "] and grads[", i, "] must be dense (strided) tensors");
-    TORCH_CHECK(p.is_contiguous() && g.is_contiguous(), "mrgd_ext: params[", i, "] and grads[", i,
-                "] must be contiguous");
-    TORCH_CHECK(p.numel() == g.numel(), "mrgd_ext: params[", i, "] has ", p.numel(), " elements but grads[", i,
-                "] has ", g.numel());
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type() && g.scalar_type() == params[0].scalar_type(),
-                "mrgd_ext: all params and grads must share one dtype (", params[0].scalar_type(), "), params[",
-                i, "] is ", p.scalar_type(), " and grads[", i, "] is ", g.scalar_type());
-    TORCH_CHECK(p.device() == params[0].device() && g.device() == params[0].device(),
-                "mrgd_ext: all params and grads must be on one device (", params[0].device(), ")");
+    for (int j = 0; j < n; ++j) {
+      const at::Tensor& t = lists[j][i];
+      TORCH_CHECK(t.layout() == at::kStrided, "mrgd_ext: ", names[j], "[", i, "] must be a dense (strided) tensor");
+      TORCH_CHECK(t.is_contiguous(), "mrgd_ext: ", names[j], "[", i, "] must be contiguous");
+      TORCH_CHECK(t.numel() == p.numel(), "mrgd_ext: ", names[0], "[", i, "] has ", p.numel(), " elements but ",
+                  names[j], "[", i, "] has ", t.numel());
+      TORCH_CHECK(t.scalar_type() == params[0].scalar_type(), "mrgd_ext: all tensors must share one dtype (",
+                  params[0].scalar_type(), "), ", names[j], "[", i, "] is ", t.scalar_type());
+      TORCH_CHECK(t.device() == params[0].device(), "mrgd_ext: all tensors must be on one device (",
+                  params[0].device(), "), ", names[j], "[", i, "] is on ", t.device());
+    }
   }
 }
 
-inline void check_scalar_flag(const std::optional<at::Tensor>& t, const char* name, const at::Device& device) {
-  if (!t.has_value()) return;
+inline void check_param_grad_lists(at::TensorList params, at::TensorList grads) {
+  const at::TensorList lists[] = {params, grads};
+  const char* const names[] = {"params", "grads"};
+  check_tensor_lists(lists, names, 2);
+}
+
+inline void check_scalar_flag(const at::Tensor* t, const char* name, const at::Device& device) {
+  if (t == nullptr) return;
   TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "mrgd_ext: ", name,
               " must be a float32 tensor with one element");
   TORCH_CHECK(t->device() == device, "mrgd_ext: ", name, " must be on ", device, ", got ", t->device());
+}
+
+inline void check_scalar_flag(const std::optional<at::Tensor>& t, const char* name, const at::Device& device) {
+  check_scalar_flag(t.has_value() ? &*t : nullptr, name, device);
 }
 
 inline int64_t total_numel(at::TensorList tensors) {

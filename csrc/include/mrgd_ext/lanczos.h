@@ -6,7 +6,7 @@
 // basis Q [m, n] (rows orthonormal), vectors V [b, n], updated in place by `rounds` rounds of classical
 // Gram-Schmidt (rounds = 2 is CGS2, "twice is enough"):   C_r = V Q^T;  V <- V - C_r Q.
 // Returns (coeffs [b, m] = sum_r C_r, gram [b, b] = V_out V_out^T, in_norms_sq [b] = |rows of V_in|^2), all
-// float64. The schema is defined in csrc/lanczos_ops.cpp; CPU and CUDA implementations register under it.
+// float64. The schema is defined in csrc/mrgd_ext.cpp; CPU and CUDA implementations register under it.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 

@@ -1,14 +1,10 @@
 #pragma once
-// Signatures of the operator implementations; schemas are defined once in csrc/mrgd_ext.cpp.
+// Signatures of the CPU subspace-step kernels; schemas are defined once in csrc/mrgd_ext.cpp. (The
+// element-wise ops need no declaration: NOTE: [element-wise ops] in elementwise_ops.h.)
 #include <ATen/core/Tensor.h>
 #include <optional>
 
 namespace mrgd_ext {
-
-// params[i] <- params[i] - lr * (sign/scale * grads[i] + weight_decay * params[i]), all tensors at once.
-void multirate_step_cpu(at::TensorList params, at::TensorList grads, double lr, double weight_decay,
-                        bool maximize, const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf);
 
 // c = U^T geff over the flat concatenation of all parameters; U = basis [r, n_total]. Returns [r].
 at::Tensor subspace_project_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& basis,

@@ -1,4 +1,5 @@
-"""The compiled operators (``torch.ops.mrgd_ext.*``): Python wrappers, fake implementations and references.
+"""The compiled operators (``torch.ops.mrgd_ext.*``): their registry (names, fake implementations,
+references, dtypes: :mod:`mrgd_ext.ops.registry`), validated Python wrappers and pure-torch references.
 
 Importing this package loads the compiled library, which registers the operators with the dispatcher.
 """

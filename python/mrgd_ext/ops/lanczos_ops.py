@@ -1,21 +1,20 @@
 """Python front of the Lanczos orthogonalisation operator ``torch.ops.mrgd_ext.block_orthogonalize_``.
 
 The kernels (csrc/cpu/block_orthogonalize.cpp, csrc/cuda/block_orthogonalize.cu; schema in
-csrc/lanczos_ops.cpp) fuse the per-iteration vector
+csrc/mrgd_ext.cpp) fuse the per-iteration vector
 work of block Lanczos with full reorthogonalisation: ``rounds`` rounds of classical Gram-Schmidt of a block of
 new vectors against the basis, the Gram matrix of the result and the norms of the input, in ``rounds + 1``
-passes over the vectors' length. This module validates arguments (exceptions name the argument), registers
-the fake (meta) implementation for torch.compile, and reports whether a device has a kernel.
+passes over the vectors' length. This module validates arguments (exceptions name the argument) and reports
+whether a device has a kernel; the fake (meta) implementation is in :mod:`mrgd_ext.ops.registry`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mrgd_ext import _C  # noqa: F401  (loading the library registers the operator)
+from mrgd_ext.ops.registry import OPS, has_kernel
 
-_OP = "mrgd_ext::block_orthogonalize_"
-_DTYPES = (torch.float32, torch.float64)
+_OP = OPS["block_orthogonalize_"]
 #: Most rows of ``vectors`` one call of the CUDA kernel takes (each thread keeps a column of them in
 #: registers; csrc/cuda/block_orthogonalize.cu).
 CUDA_MAX_VECTORS = 32
@@ -23,18 +22,7 @@ CUDA_MAX_VECTORS = 32
 
 def has_block_orthogonalize_kernel(device_type: str) -> bool:
     """Whether this build registered a ``block_orthogonalize_`` kernel for ``device_type`` ("cpu"/"cuda")."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_OP, key)
-
-
-@torch.library.register_fake(_OP)
-def _block_orthogonalize_fake(basis, vectors, rounds=2):
-    b, m = vectors.shape[0], basis.shape[0]
-    return (
-        vectors.new_empty((b, m), dtype=torch.float64),
-        vectors.new_empty((b, b), dtype=torch.float64),
-        vectors.new_empty((b,), dtype=torch.float64),
-    )
+    return has_kernel(device_type, _OP.name)
 
 
 def _check_rows(t: torch.Tensor, name: str, shape_name: str) -> None:
@@ -44,7 +32,7 @@ def _check_rows(t: torch.Tensor, name: str, shape_name: str) -> None:
         raise ValueError(f"{name} must be 2-D {shape_name}, got shape {tuple(t.shape)}")
     if t.layout != torch.strided:
         raise ValueError(f"{name} must be a dense (strided) tensor")
-    if t.dtype not in _DTYPES:
+    if t.dtype not in _OP.dtypes:
         raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
     # NOTE: [row strides] in csrc/include/mrgd_ext/lanczos.h: unit stride along n, any row stride >= n.
     if t.shape[1] > 1 and t.stride(1) != 1:

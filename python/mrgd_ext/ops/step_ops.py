@@ -1,26 +1,27 @@
 """Python front of the mrgd_ext custom operators (torch.ops.mrgd_ext.*).
 
 The kernels are registered as torch custom ops by the compiled library (csrc/), so the dispatcher picks the
-CPU or CUDA implementation and torch.compile can trace them through the fake (meta) implementations below.
-The wrappers validate arguments with Python exceptions that name the argument before any kernel runs.
+CPU or CUDA implementation and torch.compile can trace them through the fake (meta) implementations of
+:mod:`mrgd_ext.ops.registry`. The wrappers validate arguments with Python exceptions that name the argument
+before any kernel runs.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 
-from mrgd_ext import _C  # noqa: F401  (loading the library registers the operators)
+from mrgd_ext import _C
 from mrgd_ext._validation import (
     check_amp_flags,
     check_basis,
     check_param_grad_lists,
     coefficient_dtype,
 )
+from mrgd_ext.ops.registry import has_kernel
 
-_OPS = ("multirate_step_", "subspace_project", "subspace_step_")
+__all__ = ["build_info", "has_kernel", "multirate_step_", "subspace_project", "subspace_step_"]
 
 
 def build_info() -> dict:
@@ -30,35 +31,6 @@ def build_info() -> dict:
     kernels were compiled), ``cuda_archs``, ``torch_cuda_version``, ``openmp``.
     """
     return dict(_C.build_info())
-
-
-@functools.lru_cache(maxsize=None)
-def has_kernel(device_type: str) -> bool:
-    """Whether every mrgd_ext operator has a kernel for ``device_type`` ("cpu" or "cuda") in this build."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"mrgd_ext::{op}", key) for op in _OPS)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fake implementations: shapes and dtypes only, for torch.compile / FakeTensor tracing.
-
-
-@torch.library.register_fake("mrgd_ext::multirate_step_")
-def _multirate_step_fake(params, grads, lr, weight_decay, maximize, grad_scale=None, found_inf=None):
-    return None
-
-
-@torch.library.register_fake("mrgd_ext::subspace_project")
-def _subspace_project_fake(params, grads, basis, weight_decay, maximize, grad_scale=None):
-    dtype = coefficient_dtype(params[0].dtype) if len(params) else torch.float32
-    return basis.new_empty((basis.shape[0],), dtype=dtype)
-
-
-@torch.library.register_fake("mrgd_ext::subspace_step_")
-def _subspace_step_fake(params, grads, basis, coeffs, lr, weight_decay, maximize, grad_scale=None, found_inf=None):
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

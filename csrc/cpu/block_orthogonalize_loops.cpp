@@ -1,13 +1,25 @@
-// Element loops of the CPU block orthogonalisation kernel (block_orthogonalize.cpp), included twice by that
-// file: once for the baseline instruction set and once under `#pragma GCC target("avx2,fma")`, each time with
-// MRGD_BO_ISA naming the namespace. Everything here has internal linkage (anonymous namespace in the
-// includer), so no function compiled for AVX2 can be merged by the linker into baseline callers.
+// Element loops of the CPU block orthogonalisation kernel (block_orthogonalize.cpp), compiled once per
+// instruction set like chunk_kernels.cpp (NOTE: [CPU instruction-set dispatch] in cpu_kernel_table.h);
+// MRGD_CPU_ISA names the namespace. Everything but the two entry points has internal linkage, so no
+// function compiled for AVX2 can be merged by the linker into baseline callers. Deliberately no torch or
+// standard-library headers here (<type_traits> only declares types).
 //
 // T is the storage and arithmetic type (float or double): float rows accumulate in float within one
 // sub-chunk (at most a few thousand terms, split across SIMD lanes) and every sub-chunk's sum is added in
 // double (NOTE: [orthogonalisation accuracy] in block_orthogonalize.cpp).
 
-namespace MRGD_BO_ISA {
+#include <cstdint>
+#include <type_traits>
+
+#include "mrgd_ext/cpu_kernel_table.h"
+#include "mrgd_ext/lanczos_math.h"
+
+#ifndef MRGD_CPU_ISA
+#error "compile block_orthogonalize_loops.cpp with -DMRGD_CPU_ISA=<baseline|avx2>"
+#endif
+
+namespace mrgd_ext::cpu::MRGD_CPU_ISA {
+namespace {
 
 // 32-byte SIMD vectors through GCC/Clang vector extensions: AVX registers in the AVX2 build, pairs of SSE
 // registers in the baseline build. The shared element math (lanczos_math.h) applies lane by lane.
@@ -173,7 +185,7 @@ void dots_all(const T* q0, int64_t ldq, int64_t rows_q, const T* const* v, int64
 // Within a sub-chunk the basis columns are read from memory once by the subtraction and reused from cache
 // by the projection that follows it (NOTE: [fused passes] in block_orthogonalize.cpp).
 template <typename T>
-void chunk_pass(const PassArgs& a, int64_t begin, int64_t end, double* proj, double* gram, double* norms) {
+void chunk_pass(const BlockOrthogonalizePass& a, int64_t begin, int64_t end, double* proj, double* gram, double* norms) {
   const T* Q = static_cast<const T*>(a.basis);
   T* V = static_cast<T*>(a.vectors);
   const T* coef = static_cast<const T*>(a.coef);
@@ -183,7 +195,7 @@ void chunk_pass(const PassArgs& a, int64_t begin, int64_t end, double* proj, dou
   // row of Q streams through longer runs, which the hardware prefetchers follow better.
   const int64_t sub_len = coef == nullptr ? a.first_sub_len : a.sub_len;
   for (int64_t s = begin; s < end; s += sub_len) {
-    const int64_t len = std::min(sub_len, end - s);
+    const int64_t len = sub_len < end - s ? sub_len : end - s;
     if (norms != nullptr) {
       for (int64_t j = 0; j < b; ++j) {
         const T* vj = V + j * a.ldv + s;
@@ -217,11 +229,15 @@ void chunk_pass(const PassArgs& a, int64_t begin, int64_t end, double* proj, dou
   }
 }
 
-void chunk_pass_f32(const PassArgs& a, int64_t begin, int64_t end, double* proj, double* gram, double* norms) {
+}  // namespace
+
+void block_orthogonalize_pass_f32(const BlockOrthogonalizePass& a, int64_t begin, int64_t end, double* proj,
+                                  double* gram, double* norms) {
   chunk_pass<float>(a, begin, end, proj, gram, norms);
 }
-void chunk_pass_f64(const PassArgs& a, int64_t begin, int64_t end, double* proj, double* gram, double* norms) {
+void block_orthogonalize_pass_f64(const BlockOrthogonalizePass& a, int64_t begin, int64_t end, double* proj,
+                                  double* gram, double* norms) {
   chunk_pass<double>(a, begin, end, proj, gram, norms);
 }
 
-}  // namespace MRGD_BO_ISA
+}  // namespace mrgd_ext::cpu::MRGD_CPU_ISA
