@@ -25,7 +25,7 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
 fi
 # Build tools and the test/demo dependencies (build isolation is off so the build sees the installed torch).
 "${pip[@]}" numpy "pybind11>=2.12" "scikit-build-core>=0.10" "cmake>=3.26" ninja \
-  pytest scipy scikit-learn matplotlib tqdm
+  pytest hypothesis scipy scikit-learn matplotlib tqdm
 
 echo "[setup] building mrgd_ext against $("$py" -c 'import torch; print(torch.__version__)')"
 ( cd "$repo" && "${pip[@]}" --no-build-isolation --no-deps . )
