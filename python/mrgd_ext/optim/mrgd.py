@@ -150,7 +150,7 @@ def _foreach_multirate_step(params, grads, lr, weight_decay, maximize, grad_scal
     if found_inf is not None and found_inf.item() != 0:
         return
     if grad_scale is not None:
-        grads = torch._foreach_div(grads, grad_scale)
+        grads = torch._foreach_div(grads, grad_scale.reshape(()))  # GradScaler's scale has shape [1]
     if isinstance(lr, torch.Tensor) or weight_decay != 0.0:
         # geff = g + wd * p; the sign of maximize applies to g only.
         grads = torch._foreach_neg(grads) if maximize else grads
@@ -259,11 +259,13 @@ def _check_rest_of_group(group: dict[str, Any], name: str, n: int) -> None:
 
 
 def _own_group_tensors(group: dict[str, Any]) -> None:
-    """Hold ``cycle_position`` and ``last_rate`` as 0-d CPU tensors owned by this group (NOTE: [tensor rate])."""
+    """Hold ``cycle_position`` and ``last_rate`` as CPU tensors owned by this group (NOTE: [tensor rate])."""
     pos = group["cycle_position"]
     group["cycle_position"] = torch.tensor(int(pos.item() if isinstance(pos, torch.Tensor) else pos), dtype=torch.int64)
     last = group.get("last_rate", 0.0)
-    group["last_rate"] = torch.tensor(float(last.item() if isinstance(last, torch.Tensor) else last), dtype=torch.float64)
+    # Shape [1], not 0-d: Dynamo treats a 0-d CPU float tensor of a param group as a Python float and would
+    # drop the in-place update of a compiled step.
+    group["last_rate"] = torch.tensor([float(last.item() if isinstance(last, torch.Tensor) else last)], dtype=torch.float64)
 
 
 class MrGD(Optimizer):
@@ -292,7 +294,7 @@ class MrGD(Optimizer):
       whole cycle: warm-up and decay act on every rate, and the cycle keeps its shape.
     * ``lr_scale``, ``cycle``: fixed by the constructor (or by ``plan`` in a param group).
     * ``cycle_position``: index of the rate the next step uses (a 0-d int64 tensor).
-    * ``last_rate``: the rate the last step actually took (a 0-d float64 tensor; 0 before the first step;
+    * ``last_rate``: the rate the last step actually took (a one-element float64 tensor; 0 before the first step;
       in subspace mode the rate of the complement of the basis span).
 
     ``state_dict()``/``load_state_dict()`` resume in the middle of a cycle bit-exactly; ``load_state_dict``
@@ -593,7 +595,8 @@ class MrGD(Optimizer):
             n = len(group["cycle"])
             pos = group["cycle_position"]
             cycle = torch.tensor(group["cycle"], dtype=torch.float64)
-            rate = cycle[pos] * group["lr_scale"] * group["lr"]
+            # gather, not cycle[pos]: indexing with a tensor would read the position on the host.
+            rate = cycle.gather(0, pos.reshape(1)).reshape(()) * group["lr_scale"] * group["lr"]
             if keep is not None:
                 rate = torch.where(keep, rate, torch.zeros_like(rate))
             for (device, _), (ps, gs) in buckets.items():
@@ -602,7 +605,8 @@ class MrGD(Optimizer):
                 _foreach_multirate_step(ps, gs, rate.to(device), group["weight_decay"], group["maximize"],
                                         grad_scale, None)
             advance = 1 if keep is None else keep.to(torch.int64)
-            group["last_rate"].copy_(rate if keep is None else torch.where(keep, rate, group["last_rate"]))
+            last = group["last_rate"]
+            last.copy_(rate.reshape(1) if keep is None else torch.where(keep, rate, last))
             group["cycle_position"].copy_((pos + advance) % n)
 
     def _subspace_step(self, grad_scale) -> None:
