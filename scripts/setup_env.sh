@@ -27,7 +27,7 @@ fi
 # the installed torch is pinned in the same call so no dependency, curvlinops included, can move it).
 installed_torch="torch==$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
 "${pip[@]}" "$installed_torch" numpy "pybind11>=2.12" "scikit-build-core>=0.10" "cmake>=3.26" ninja \
-  pytest pytest-timeout scipy scikit-learn matplotlib tqdm ruff mypy curvlinops-for-pytorch
+  pytest pytest-timeout hypothesis scipy scikit-learn matplotlib tqdm ruff mypy curvlinops-for-pytorch
 
 echo "[setup] building mrgd_ext against $("$py" -c 'import torch; print(torch.__version__)')"
 ( cd "$repo" && "${pip[@]}" --no-build-isolation --no-deps . )

@@ -57,7 +57,9 @@ def test_trajectory_equals_reference_gd_walk_float64(impl):
         expected = expected - 0.5 * CYCLE[step % len(CYCLE)] * (H @ expected - b)
         torch.testing.assert_close(x.detach(), expected, rtol=1e-13, atol=1e-13)
     assert opt.param_groups[0]["cycle_position"] == 11 % len(CYCLE)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * CYCLE[11 % len(CYCLE)])
+    # lr is the scheduler's multiplier (1 without a scheduler); last_rate the rate the last step took.
+    assert opt.param_groups[0]["lr"] == 1.0
+    assert opt.param_groups[0]["last_rate"].item() == 0.5 * CYCLE[10 % len(CYCLE)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -301,14 +303,15 @@ def test_non_contiguous_params_need_a_non_fused_path():
 def test_set_subspace_rejects_bad_bases():
     p = torch.zeros(10, requires_grad=True)
     opt = MrGD([p], plan=CYCLE)
+    ortho = torch.linalg.qr(torch.randn(10, 2))[0].T.contiguous()  # orthonormal rows: the checks below see them
     with pytest.raises(ValueError, match="basis has 9 columns"):
         opt.set_subspace(torch.randn(2, 9), [0.1, 0.1], 1.0)
     with pytest.raises(ValueError, match="column_rates has 3 entries"):
-        opt.set_subspace(torch.randn(2, 10), [0.1, 0.1, 0.1], 1.0)
+        opt.set_subspace(ortho, [0.1, 0.1, 0.1], 1.0)
     with pytest.raises(ValueError, match="base_lr"):
-        opt.set_subspace(torch.randn(2, 10), [0.1, 0.1], -1.0)
+        opt.set_subspace(ortho, [0.1, 0.1], -1.0)
     with pytest.raises(ValueError, match="column_rates must be finite"):
-        opt.set_subspace(torch.randn(2, 10), [0.1, float("nan")], 1.0)
+        opt.set_subspace(ortho, [0.1, float("nan")], 1.0)
     with pytest.raises(ValueError, match="exactly one param group"):
         MrGD([{"params": [p]}, {"params": [torch.zeros(1, requires_grad=True)]}], plan=CYCLE).set_subspace(
             torch.randn(1, 11), [0.1], 1.0

@@ -7,14 +7,90 @@ untouched, and every message names the offending argument.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+#: Floating-point dtypes the package computes with (parameters, probes, data).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Parameter dtypes the fused kernels accept (low precisions are computed in float32).
 KERNEL_PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 #: Storage dtypes accepted for a subspace basis.
 BASIS_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+#: Planning strategies accepted by ``plan_multirate`` (``"auto"`` picks among the other three).
+STRATEGIES: tuple[str, ...] = ("auto", "nested", "chebyshev-nested", "chebyshev")
+#: Rules that turn an eigen-group's interval into a rate.
+RATE_RULES: tuple[str, ...] = ("optimal", "safe")
+#: Hessian-vector-product backends of ``HessianOperator``.
+HVP_BACKENDS: tuple[str, ...] = ("auto", "func", "double_backward")
+#: AutoMrGD modes.
+AUTO_MODES: tuple[str, ...] = ("temporal", "subspace")
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """One of ``choices`` (an enum tuple of this module)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer (Python or numpy; not bool) within ``[minimum, maximum]``; TypeError for a non-integer."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A Python bool (not an int or a tensor)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_optional_bool(value: Any, name: str) -> bool | None:
+    """``None`` or a Python bool (the ``foreach``/``fused`` convention of torch.optim)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be None or a bool, got {type(value).__name__}")
+    return value
+
+
+def check_float_dtype(tensor: torch.Tensor, name: str, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+    """``tensor`` has one of the floating-point ``dtypes``."""
+    if tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {tensor.dtype}; supported: {allowed}")
+
+
+def check_orthonormal_rows(basis: torch.Tensor, name: str = "basis") -> None:
+    """Rows of ``basis`` ([r, n]) are finite and orthonormal up to the rounding of its dtype.
+
+    An r x r Gram check in float64 (cost r^2 n). Rounding orthonormal rows to storage moves each Gram entry
+    by at most about eps(dtype); a basis computed in float64 (Ritz vectors) loses orthogonality at the
+    1e-14 level. The tolerance ``max(16 * eps(dtype), 1e-8)`` admits both and rejects bases that are not
+    orthonormal (unnormalized rows, random or merely nearly orthogonal directions).
+    """
+    if not bool(torch.isfinite(basis).all()):
+        raise ValueError(f"{name} has non-finite entries")
+    r = basis.shape[0]
+    if r == 0:
+        return
+    b = basis.detach().to(torch.float64)
+    err = (b @ b.T - torch.eye(r, dtype=torch.float64, device=b.device)).abs().max().item()
+    tol = max(16 * torch.finfo(basis.dtype).eps, 1e-8)
+    if not err <= tol:
+        raise ValueError(
+            f"{name} rows are not orthonormal: max |B B^T - I| = {err:.3g} > {tol:.3g} "
+            "(orthonormalize it, e.g. with torch.linalg.qr, or pass check=False)"
+        )
 
 
 def check_positive_rate(value: float, name: str) -> float:

@@ -380,7 +380,6 @@ class AutoMrGD(MrGD):
         group = self.param_groups[0]
         group["cycle"] = tuple(plan.cycle)
         group["cycle_position"] = 0
-        group["lr"] = group["lr_scale"] * plan.cycle[0]
         if self.mode == "subspace":
             basis, rates, base = self._subspace_arguments(estimate)
             self.set_subspace(basis, rates, base)
