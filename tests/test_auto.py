@@ -148,7 +148,7 @@ def _run(opt, closure, w, w_star, tol=1e-6, max_iter=20000):
 def test_auto_temporal_on_a_multiscale_quadratic_reaches_its_prediction():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, density_order=eigs.size, max_groups=None, rate_rule="optimal", refresh_every=10**6)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, rate_rule="optimal", refresh_every=10**6)
     assert opt.plan.num_groups == 3
     assert opt.events[0]["kind"] == "estimate" and opt.estimation_hvps > 0
     with warnings.catch_warnings():
@@ -227,7 +227,7 @@ def test_auto_refreshes_on_schedule_with_warm_start():
 def test_auto_temporal_refreshes_only_at_cycle_starts():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, density_order=eigs.size, max_groups=None, refresh_every=1, max_refresh_interval=1,
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=1, max_refresh_interval=1,
                    max_cycle_length=10**4)
     length = opt.plan.cycle_length
     closure = closure_for(opt)
@@ -242,7 +242,7 @@ def test_auto_temporal_refreshes_only_at_cycle_starts():
 def test_auto_backs_off_instead_of_diverging():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, density_order=eigs.size, max_groups=None, lr_scale=40.0, refresh_every=10**6)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, lr_scale=40.0, refresh_every=10**6)
     closure = closure_for(opt)
     loss0 = float(closure().detach())
     with pytest.warns(RuntimeWarning, match="re-measured"):
@@ -260,7 +260,7 @@ def test_auto_degrades_to_the_safe_rate_after_too_many_backoffs():
     # decreases the loss at every step.
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, density_order=eigs.size, lr_scale=1e4, max_backoffs=0, refresh_every=10**6)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, lr_scale=1e4, max_backoffs=0, refresh_every=10**6)
     closure = closure_for(opt)
     loss0 = float(closure().detach())
     with pytest.warns(RuntimeWarning, match="safe rate"):
@@ -279,14 +279,14 @@ def test_auto_raises_only_for_a_broken_closure():
     # safe rate has been halved down to 2**-40 of itself the optimizer says the closure is broken.
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, density_order=eigs.size, max_backoffs=0, refresh_every=10**6, check_every=1)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_backoffs=0, refresh_every=10**6, check_every=1)
     count = [0]
 
     def broken():
         opt.zero_grad()
         (0.5 * (w - w_star) @ (H @ (w - w_star))).backward()
         count[0] += 1
-        return torch.tensor(float(count[0]))
+        return torch.tensor(1.1 ** count[0])  # rises by 10% per call, beyond loss_slack 5%
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -307,18 +307,18 @@ def test_auto_bad_input():
     with pytest.raises(ValueError, match="num_eigs >= 1"):
         AutoMrGD([w], op, mode="subspace", num_eigs=0)
     with pytest.raises(ValueError, match="backoff"):
-        AutoMrGD([w], op, backoff=1.0)
+        AutoMrGD([w], op, mode="temporal", backoff=1.0)
     with pytest.raises(ValueError, match="refresh_every"):
-        AutoMrGD([w], op, refresh_every=0)
+        AutoMrGD([w], op, mode="temporal", refresh_every=0)
     with pytest.raises(ValueError, match="rate_rule"):
-        AutoMrGD([w], op, rate_rule="fast")
+        AutoMrGD([w], op, mode="temporal", rate_rule="fast")
     with pytest.raises(ValueError, match="lambda_max_margin"):
-        AutoMrGD([w], op, lambda_max_margin=0.5)
+        AutoMrGD([w], op, mode="temporal", lambda_max_margin=0.5)
     with pytest.raises(TypeError, match="hessian must be a HessianOperator"):
         AutoMrGD([w], H)
     with pytest.raises(TypeError, match="single tensor"):
         AutoMrGD(w, op)
-    opt = AutoMrGD([w], op, density_order=eigs.size)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size)
     before = w.detach().clone()
     with pytest.raises(ValueError, match="closure"):
         opt.step()
@@ -337,7 +337,7 @@ def _small_classifier(samples: int, seed: int):
 def test_auto_trains_a_small_network_with_a_fixed_probe_batch():
     x, y, model, loss_fn, params = _small_classifier(256, seed=0)
     op = HessianOperator(model, loss_fn, (x[:128], y[:128]), params=params)
-    opt = AutoMrGD(params, op, refresh_every=40, num_eigs=4, density_order=12)
+    opt = AutoMrGD(params, op, mode="temporal", refresh_every=40, num_eigs=4, density_order=12)
 
     def closure():
         opt.zero_grad()
@@ -359,7 +359,7 @@ def test_auto_trains_with_minibatch_gradients_and_a_fixed_check_batch():
     x, y, model, loss_fn, params = _small_classifier(512, seed=1)
     check_x, check_y = x[:256], y[:256]
     op = HessianOperator(model, loss_fn, (check_x, check_y), params=params)
-    opt = AutoMrGD(params, op, refresh_every=50, num_eigs=4, density_order=12)
+    opt = AutoMrGD(params, op, mode="temporal", refresh_every=50, num_eigs=4, density_order=12)
     gen = torch.Generator().manual_seed(0)
 
     def closure():
@@ -385,8 +385,8 @@ def test_public_names():
 def test_auto_state_dict_resumes_the_same_trajectory():
     eigs = _spectrum()
     w, _w_star, _H, op, closure_for = _problem(eigs)
-    kwargs = {"density_order": eigs.size, "max_groups": None, "refresh_every": 10**6}
-    opt = AutoMrGD([w], op, **kwargs)
+    kwargs = {"mode": "temporal", "density_order": eigs.size, "max_groups": None, "refresh_every": 10**6}
+    opt = AutoMrGD([w], op, mode="temporal", **kwargs)
     closure = closure_for(opt)
     for _ in range(opt.plan.cycle_length + 7):  # stop mid-cycle
         opt.step(closure)
@@ -398,7 +398,7 @@ def test_auto_state_dict_resumes_the_same_trajectory():
 
     with torch.no_grad():
         w.copy_(saved)
-    resumed = AutoMrGD([w], op, **kwargs)
+    resumed = AutoMrGD([w], op, mode="temporal", **kwargs)
     resumed.load_state_dict(state)
     assert resumed.param_groups[0]["cycle_position"] == 7
     closure2 = closure_for(resumed)
@@ -438,13 +438,13 @@ def test_auto_subspace_measures_the_curvature_left_outside_the_basis():
 def test_auto_temporal_cycles_fit_the_refresh_interval():
     eigs = _spectrum()
     w, _w_star, _H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, density_order=eigs.size, max_groups=None, refresh_every=30, rate_rule="optimal")
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=30, rate_rule="optimal")
     assert opt.plan.cycle_length <= 30
-    unlimited = AutoMrGD([w], op, density_order=eigs.size, max_groups=None, refresh_every=10**6,
+    unlimited = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6,
                          rate_rule="optimal")
     assert unlimited.plan.cycle_length > 30  # the cap changed the plan, it did not just happen to hold
     with pytest.raises(ValueError, match="max_cycle_length"):
-        AutoMrGD([w], op, max_cycle_length=0)
+        AutoMrGD([w], op, mode="temporal", max_cycle_length=0)
 
 
 def test_auto_check_points_compare_with_the_lowest_loss_so_far():
@@ -518,7 +518,7 @@ def test_cycle_aware_guard_accepts_a_transient_rise_within_the_predicted_bound()
     # cycle end is compared with the lowest check-point loss.
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, density_order=eigs.size, max_groups=None, refresh_every=10**6, gradient_history=False)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6, gradient_history=False)
     length = opt.plan.cycle_length
     assert length >= 3 and opt._growth_bound > 4.0
     script = [1.0] + [min(4.0, opt._growth_bound / 2)] * (length - 1) + [0.5]
@@ -538,7 +538,7 @@ def test_cycle_aware_guard_accepts_a_transient_rise_within_the_predicted_bound()
 def test_cycle_aware_guard_rolls_back_a_rise_at_the_cycle_end():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, density_order=eigs.size, max_groups=None, refresh_every=10**6, gradient_history=False)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6, gradient_history=False)
     length = opt.plan.cycle_length
     start = w.detach().clone()
     script = [1.0] + [2.0] * (length - 1) + [1.2, 0.9]
@@ -564,7 +564,7 @@ def test_gradient_history_triggers_a_remeasurement_when_the_curvature_outgrows_t
     H, w_star = _quadratic(eigs)
     w = torch.zeros(eigs.size, dtype=torch.float64, requires_grad=True)
     op = HessianOperator.from_closure(lambda pl: 0.125 * (pl[0] - w_star) @ (H @ (pl[0] - w_star)), [w])
-    opt = AutoMrGD([w], op, density_order=eigs.size, max_groups=None, refresh_every=10**6, lr_scale=0.2)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6, lr_scale=0.2)
 
     def closure():
         opt.zero_grad()
@@ -582,7 +582,7 @@ def test_gradient_history_triggers_a_remeasurement_when_the_curvature_outgrows_t
 def test_gradient_history_curvature_is_bounded_by_lambda_max_on_a_quadratic():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, density_order=eigs.size, max_groups=None, refresh_every=10**6)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6)
     closure = closure_for(opt)
     for _ in range(opt.plan.cycle_length):
         opt.step(closure)
@@ -597,7 +597,7 @@ def test_hvp_budget_on_a_quadratic():
     # refreshes whose density is reused and whose Lanczos is warm-started.
     eigs = _spectrum(n_per_group=(10, 30, 80))
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, refresh_every=100)
+    opt = AutoMrGD([w], op, mode="temporal", refresh_every=100)
     closure = closure_for(opt)
     start_hvps = opt.events[0]["num_hvps"]
     for _ in range(600):
@@ -609,3 +609,59 @@ def test_hvp_budget_on_a_quadratic():
     assert len(refreshes) <= 3
     assert opt.estimation_hvps <= start_hvps + 3 * 0.5 * start_hvps
     assert start_hvps <= 2 * 40 + 60
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small versions of the training suite's problems (raw features): defaults never raise, never diverge
+
+
+def _suite_problem(name: str):
+    sk = pytest.importorskip("sklearn.datasets")
+    torch.manual_seed(0)
+    if name == "logreg_cancer":
+        x, y = sk.load_breast_cancer(return_X_y=True)
+        x, y = torch.tensor(x), torch.tensor(y, dtype=torch.float64)
+        model = torch.nn.Linear(30, 1).double()
+
+        def loss_fn(out, t):
+            return torch.nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), t)
+    elif name == "ls_diabetes":
+        x, y = sk.load_diabetes(return_X_y=True, scaled=False)
+        x, y = torch.tensor(x), torch.tensor(y)
+        model = torch.nn.Linear(10, 1).double()
+
+        def loss_fn(out, t):
+            return 0.5 * ((out.squeeze(-1) - t) ** 2).mean()
+    else:  # mlp_wine, smaller than the suite's 13-64-64-3
+        x, y = sk.load_wine(return_X_y=True)
+        x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+        model = torch.nn.Sequential(torch.nn.Linear(13, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        loss_fn = torch.nn.functional.cross_entropy
+    return model, loss_fn, x, y
+
+
+@pytest.mark.parametrize("mode", ["temporal", "subspace"])
+@pytest.mark.parametrize("name", ["logreg_cancer", "ls_diabetes", "mlp_wine"])
+def test_defaults_never_raise_or_diverge_on_raw_suite_problems(name, mode):
+    # Raw breast-cancer logistic regression used to raise RuntimeError in temporal mode (the cycle's large
+    # step transient, then back-offs that could not recover); now a violation degrades to the safe rate.
+    model, loss_fn, x, y = _suite_problem(name)
+    params = list(model.parameters())
+    op = HessianOperator(model, loss_fn, (x, y), params=params)
+    opt = AutoMrGD(params, op, mode=mode)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss0 = float(loss_fn(model(x), y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(120):
+            opt.step(closure)
+    with torch.no_grad():
+        final = float(loss_fn(model(x), y))
+    assert math.isfinite(final) and final < loss0
