@@ -386,7 +386,7 @@ def test_auto_state_dict_resumes_the_same_trajectory():
     eigs = _spectrum()
     w, _w_star, _H, op, closure_for = _problem(eigs)
     kwargs = {"mode": "temporal", "density_order": eigs.size, "max_groups": None, "refresh_every": 10**6}
-    opt = AutoMrGD([w], op, mode="temporal", **kwargs)
+    opt = AutoMrGD([w], op, **kwargs)
     closure = closure_for(opt)
     for _ in range(opt.plan.cycle_length + 7):  # stop mid-cycle
         opt.step(closure)
@@ -398,7 +398,7 @@ def test_auto_state_dict_resumes_the_same_trajectory():
 
     with torch.no_grad():
         w.copy_(saved)
-    resumed = AutoMrGD([w], op, mode="temporal", **kwargs)
+    resumed = AutoMrGD([w], op, **kwargs)
     resumed.load_state_dict(state)
     assert resumed.param_groups[0]["cycle_position"] == 7
     closure2 = closure_for(resumed)
