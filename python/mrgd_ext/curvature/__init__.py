@@ -16,7 +16,13 @@ from mrgd_ext.curvature.trace import (
     xtrace,
 )
 from mrgd_ext.curvature.scales import detect_scales
-from mrgd_ext.curvature.estimate import CurvatureEstimate, estimate_curvature, plan_from_estimate
+from mrgd_ext.curvature.estimate import (
+    CurvatureEstimate,
+    default_floor,
+    estimate_curvature,
+    history_ritz,
+    plan_from_estimate,
+)
 from mrgd_ext.curvature.distributed import DistributedOperator
 
 __all__ = [
@@ -41,4 +47,6 @@ __all__ = [
     "estimate_curvature",
     "plan_from_estimate",
     "DistributedOperator",
+    "history_ritz",
+    "default_floor",
 ]

@@ -181,10 +181,13 @@ class DistributedOperator:
         return int(getattr(self.op, "num_hvps", 0))
 
     @property
-    def _params(self):
-        # The parameters of the wrapped operator, so AutoMrGD's check that it differentiates the optimizer's
-        # own parameters applies through the wrapper.
-        return getattr(self.op, "_params", None)
+    def params(self) -> list[torch.Tensor]:
+        """The parameters of the wrapped :class:`mrgd_ext.CurvatureOperator`, so AutoMrGD's check that it
+        differentiates the optimizer's own parameters applies through the wrapper."""
+        params = getattr(self.op, "params", None)
+        if params is None:
+            raise AttributeError(f"the wrapped {type(self.op).__name__} is not a CurvatureOperator: it has no params")
+        return list(params)
 
     def flatten(self, tensors):
         return self.op.flatten(tensors)

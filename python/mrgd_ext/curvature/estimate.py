@@ -33,7 +33,7 @@ from mrgd_ext.curvature.lanczos import LanczosResult, as_operator, lanczos
 from mrgd_ext.curvature.scales import detect_scales
 from mrgd_ext.planning import MultiratePlan, ScaleGroup, plan_multirate
 
-__all__ = ["CurvatureEstimate", "estimate_curvature", "plan_from_estimate"]
+__all__ = ["CurvatureEstimate", "estimate_curvature", "plan_from_estimate", "history_ritz", "default_floor"]
 
 
 @dataclass
@@ -49,6 +49,8 @@ class CurvatureEstimate:
         density: the SLQ density (``None`` when ``density_probes=0``).
         num_hvps: Hessian-vector products spent (density and Lanczos).
         seconds: wall time of the estimate.
+        density_reused: True when the SLQ density was taken over from an earlier estimate (no HVPs spent on it).
+        density_lambda_max: the top Ritz value when the density was measured (NaN without Ritz values).
     """
 
     groups: list[ScaleGroup]
@@ -60,6 +62,8 @@ class CurvatureEstimate:
     num_hvps: int
     seconds: float
     lanczos: LanczosResult | None = field(default=None, repr=False)
+    density_reused: bool = False
+    density_lambda_max: float = float("nan")
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable digest (groups, lambda_max, cost)."""
@@ -78,21 +82,74 @@ def _count(value: Any, name: str, minimum: int) -> int:
     return int(value)
 
 
+def default_floor(dtype: torch.dtype) -> float:
+    """The default relative ``floor`` for an operator of ``dtype``: eigenvalues below it are not told apart
+    from rounding.
+
+    NOTE: [floor]
+    An HVP in a dtype of unit roundoff eps carries an absolute error of about eps * lambda_max, so eigenvalues
+    below ~10 eps * lambda_max are indistinguishable from zero and get no rate; everything above gets one.
+    A fixed floor (formerly 1e-6 for every dtype) left real groups of float64 problems without a rate: raw
+    diabetes least squares has an eigenvalue 2e-8 * lambda_max, which a target gap of 1e-6 needs.
+    """
+    return 10.0 * float(torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-6
+
+
+def history_ritz(steps: torch.Tensor, grad_changes: torch.Tensor, *, rcond: float = 1e-10) -> np.ndarray:
+    """Ritz values of the Hessian from an optimiser's own history, at zero Hessian-vector products.
+
+    Along a full-batch run, ``y_k = g_{k+1} - g_k`` equals ``H s_k`` for ``s_k = x_{k+1} - x_k`` exactly on a
+    quadratic and to first order otherwise (a secant). Rayleigh-Ritz on ``span(s_0..s_{m-1})`` with
+    ``S H S^T ~ sym(S Y^T)`` gives Ritz values of ``H`` on that space; the steps of gradient descent span a
+    Krylov space of the first gradient, so the extreme values converge as for Lanczos.
+
+    Args:
+        steps: ``[m, n]`` the steps ``s_k``.
+        grad_changes: ``[m, n]`` the gradient changes ``y_k``.
+        rcond: directions of the step Gram matrix with eigenvalue below ``rcond`` times its largest are
+            dropped (the steps of a converging run become nearly parallel).
+
+    Returns:
+        float64 Ritz values, sorted descending (at most ``m``).
+    """
+    if steps.dim() != 2 or steps.shape != grad_changes.shape:
+        raise ValueError(
+            f"steps and grad_changes must both be [m, n] with the same shape, got {tuple(steps.shape)} and "
+            f"{tuple(grad_changes.shape)}"
+        )
+    S = steps.detach().to(torch.float64)
+    Y = grad_changes.detach().to(torch.float64)
+    if S.shape[0] == 0:
+        return np.zeros(0)
+    gram = (S @ S.T).cpu().numpy()
+    cross = (S @ Y.T).cpu().numpy()
+    cross = 0.5 * (cross + cross.T)
+    w, V = np.linalg.eigh(gram)
+    keep = w > rcond * max(float(w.max()), 1e-300)
+    if not keep.any():
+        return np.zeros(0)
+    W = V[:, keep] / np.sqrt(w[keep])  # S^T W has orthonormal columns
+    T = W.T @ cross @ W
+    return np.sort(np.linalg.eigvalsh(0.5 * (T + T.T)))[::-1]
+
+
 def estimate_curvature(
     op: Any,
     *,
     num_eigs: int = 8,
     block_size: int = 4,
-    lanczos_tol: float = 1e-3,
+    lanczos_tol: float = 1e-2,
     max_lanczos_iters: int | None = None,
     density_probes: int = 2,
     density_order: int = 40,
     min_gap: float = 10.0,
-    floor: float = 1e-6,
+    floor: float | None = None,
     max_groups: int | None = 4,
     weight_floor: float = 1e-3,
     start: torch.Tensor | None = None,
     seed: int = 0,
+    previous: CurvatureEstimate | None = None,
+    density_reuse_tol: float = 0.25,
 ) -> CurvatureEstimate:
     """Measure the eigen-groups of ``op`` (module docstring).
 
@@ -100,13 +157,19 @@ def estimate_curvature(
         op: a :class:`mrgd_ext.HessianOperator` (or anything :func:`mrgd_ext.curvature.lanczos` takes).
         num_eigs: top eigenpairs by block Lanczos (0: none; then ``density_probes`` must be >= 1).
         block_size, lanczos_tol, max_lanczos_iters: passed to :func:`mrgd_ext.curvature.lanczos`. The default
-            tolerance (1e-3 of ``|H|``) is ample for choosing rates, which carry a margin anyway.
+            tolerance (1e-2 of ``|H|``) resolves group edges to about that relative accuracy, which is what a
+            plan needs: its rates carry a margin on ``lambda_max`` anyway (NOTE: [estimation cost]).
         density_probes, density_order: SLQ probes and Lanczos steps per probe (0 probes: no density; then
             the groups come from the Ritz values alone and the smallest group ends at the smallest of them).
             ``density_order`` is capped at ``n``.
-        min_gap, floor, max_groups, weight_floor: passed to :func:`mrgd_ext.detect_scales`.
+        min_gap, floor, max_groups, weight_floor: passed to :func:`mrgd_ext.detect_scales`; ``floor=None``:
+            :func:`default_floor` of the operator's dtype (NOTE: [floor]).
         start: warm start for Lanczos (e.g. the previous estimate's ``eigenvectors``).
         seed: seeds both the probes and the Lanczos start block.
+        previous, density_reuse_tol: an earlier estimate whose density is taken over (no SLQ run) when the new
+            top Ritz value is within ``density_reuse_tol`` (relative) of the top Ritz value at the time that
+            density was measured: the spectrum's top has not moved, so its shape is taken to be the same
+            (NOTE: [estimation cost]).
 
     Raises:
         ValueError: naming the argument; or when no positive curvature above ``floor`` is found.
@@ -118,16 +181,12 @@ def estimate_curvature(
         raise ValueError("num_eigs and density_probes are both 0: nothing would be measured")
     op = as_operator(op)
     n = op.n
+    if floor is None:
+        floor = default_floor(op.dtype)
     t0 = time.perf_counter()
     hvps = 0
     values: list[np.ndarray] = []
     density = None
-    if density_probes:
-        order = min(density_order, n)
-        density = spectral_density(op, num_probes=density_probes, order=order, seed=seed, grid=200)
-        hvps += density.num_hvps
-        mask = density.weights > weight_floor
-        values.append(density.nodes[mask])
     result = None
     eigenvalues = torch.zeros(0, dtype=torch.float64)
     residuals = torch.zeros(0, dtype=torch.float64)
@@ -141,6 +200,26 @@ def estimate_curvature(
         hvps += result.num_hvps
         eigenvalues, vectors, residuals = result.eigenvalues, result.eigenvectors, result.residuals
         values.append(eigenvalues.numpy())
+    # NOTE: [estimation cost]
+    # The SLQ density is the expensive part of an estimate (probes x order HVPs) and is needed only for the
+    # shape of the spectrum below the top Ritz values. It is re-measured only when it could change the plan:
+    # when the top of the spectrum moved by more than density_reuse_tol since the density was taken.
+    reused = False
+    top_now = float(eigenvalues.max()) if eigenvalues.numel() else float("nan")
+    density_top = top_now
+    if density_probes:
+        if previous is not None and previous.density is not None and eigenvalues.numel():
+            top_then = previous.density_lambda_max
+            reused = math.isfinite(top_then) and abs(top_now - top_then) <= density_reuse_tol * abs(top_then)
+        if reused:
+            density = previous.density
+            density_top = previous.density_lambda_max
+        else:
+            order = min(density_order, n)
+            density = spectral_density(op, num_probes=density_probes, order=order, seed=seed, grid=200)
+            hvps += density.num_hvps
+        mask = density.weights > weight_floor
+        values.append(density.nodes[mask])
     allv = np.concatenate(values) if values else np.zeros(0)
     allv = allv[np.isfinite(allv)]
     if allv.size == 0 or allv.max() <= 0:
@@ -156,6 +235,8 @@ def estimate_curvature(
         num_hvps=hvps,
         seconds=time.perf_counter() - t0,
         lanczos=result,
+        density_reused=reused,
+        density_lambda_max=density_top,
     )
 
 

@@ -26,7 +26,10 @@ Backends (``backend=``):
 * ``"double_backward"``: ``torch.autograd.grad`` with ``create_graph=True`` and one backward pass of the
   gradient per tangent; works for models ``torch.func`` cannot transform (in-place tricks, hooks, custom
   ``autograd.Function`` without ``setup_context``).
-* ``"auto"`` (default): ``"func"``, falling back to ``"double_backward"`` with a warning the first time both
+* ``"auto"`` (default): ``"double_backward"`` for parameters on the CPU (measured 2-5x faster there than
+  ``"func"`` per product on small networks and linear models, and without ``"func"``'s first-call cost of
+  seconds); elsewhere ``"func"`` (forward-over-reverse, or reverse-over-reverse for losses whose backward
+  forward-mode AD rejects), falling back to ``"double_backward"`` with a warning the first time both
   functional transforms fail.
 """
 
@@ -192,6 +195,8 @@ class HessianOperator(CurvatureOperator):
     # Application
 
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
+        if self._resolved is None and self._params[0].device.type == "cpu":
+            self._resolved = "double_backward"  # "auto" on the CPU (module docstring)
         if self._resolved is None:  # "auto", first use
             try:
                 out = self._apply_func(V)
