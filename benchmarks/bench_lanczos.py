@@ -48,7 +48,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, markdown_header, markdown_table, write_results  # noqa: E402
-
 from mrgd_ext.curvature.hessian import HessianOperator  # noqa: E402
 from mrgd_ext.curvature.lanczos import lanczos  # noqa: E402
 

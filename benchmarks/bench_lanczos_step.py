@@ -32,7 +32,6 @@ from _common import (  # noqa: E402
     time_interleaved,
     write_results,
 )
-
 from mrgd_ext.ops import lanczos_ops as _lanczos_ops  # noqa: E402
 from mrgd_ext.ops import lanczos_reference as _lanczos_reference  # noqa: E402
 

@@ -27,7 +27,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, markdown_header, markdown_table, write_results  # noqa: E402
-
 from mrgd_ext import groups_from_scales, plan_multirate  # noqa: E402
 
 

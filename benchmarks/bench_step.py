@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import copy_bandwidth, machine_info, markdown_header, markdown_table, time_interleaved, write_results  # noqa: E402
-
 import mrgd_ext  # noqa: E402
+from _common import copy_bandwidth, machine_info, markdown_header, markdown_table, time_interleaved, write_results  # noqa: E402
 from mrgd_ext.ops import step_ops as _ops  # noqa: E402
 
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}

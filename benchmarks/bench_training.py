@@ -52,13 +52,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mrgd_ext
-from mrgd_ext.experiments import data
 from _common import (
     RESULTS_DIR,
     machine_info,
@@ -66,6 +64,7 @@ from _common import (
     markdown_table,
     write_results,
 )
+from mrgd_ext.experiments import data
 
 PROBLEMS = ("ls_diabetes", "logreg_cancer", "softmax_digits", "mlp_diabetes", "mlp_wine", "mlp_multiscale")
 CONVEX = ("ls_diabetes", "logreg_cancer", "softmax_digits")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from mrgd_ext.cli import main
 
 REPO = Path(__file__).resolve().parent.parent

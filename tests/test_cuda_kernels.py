@@ -10,8 +10,8 @@ import re
 
 import pytest
 import torch
-from conftest import ALL_DTYPES, COMPUTE_ROUNDOFF, UNIT_ROUNDOFF
 
+from conftest import ALL_DTYPES, COMPUTE_ROUNDOFF, UNIT_ROUNDOFF
 from mrgd_ext.ops import registry  # loads the library and the fake implementations opcheck needs
 
 HAS_CUDA_KERNELS = registry.has_kernel("cuda")

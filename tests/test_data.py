@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from mrgd_ext.curvature.scales import detect_scales
 from mrgd_ext.experiments.data import (
     MultiscaleData,
     load_breast_cancer,
@@ -17,7 +19,6 @@ from mrgd_ext.experiments.data import (
     multiscale_regression,
     principal_values,
 )
-from mrgd_ext.curvature.scales import detect_scales
 
 # --------------------------------------------------------------------------------------------------------
 # Generators

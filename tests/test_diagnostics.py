@@ -9,6 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
+
 from mrgd_ext.experiments.data import multiscale_classification
 from mrgd_ext.experiments.diagnostics import (
     figure1,
@@ -23,8 +26,6 @@ from mrgd_ext.experiments.diagnostics import (
     row_hessian_eigenvalues,
     train_full_batch,
 )
-from torch import nn
-from torch.nn import functional as F
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 
 from _spawn import RUN_TIMEOUT_S, init_gloo, run_ranks
-
 from mrgd_ext import MrGD
 
 # Ranks that could deadlock in a collective: a hang must fail the run. Each spawned run has its own limit
@@ -327,7 +326,11 @@ def _checkpoint_rank(rank, world, init_file, out_dir):
     try:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import ALL_DTYPES, COMPUTE_ROUNDOFF, UNIT_ROUNDOFF
 
 import mrgd_ext
+from conftest import ALL_DTYPES, COMPUTE_ROUNDOFF, UNIT_ROUNDOFF
 from mrgd_ext import _C
-from mrgd_ext.ops import step_ops as _ops
 from mrgd_ext.ops import reference as ref
+from mrgd_ext.ops import step_ops as _ops
 
 CPU_ISAS = mrgd_ext.build_info()["cpu_isas_available"].split(",")
 

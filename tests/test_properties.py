@@ -13,10 +13,10 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import mrgd_ext  # noqa: E402
-from mrgd_ext import MrGD, _C  # noqa: E402
+from conftest import ALL_DTYPES, COMPUTE_ROUNDOFF, UNIT_ROUNDOFF  # noqa: E402
+from mrgd_ext import _C, MrGD  # noqa: E402
 from mrgd_ext.ops import reference as ref  # noqa: E402
 from mrgd_ext.ops import step_ops  # noqa: E402
-from conftest import ALL_DTYPES, COMPUTE_ROUNDOFF, UNIT_ROUNDOFF  # noqa: E402
 
 settings.register_profile("default", max_examples=10, deadline=None, derandomize=True)
 settings.register_profile("ci", max_examples=400, deadline=None)

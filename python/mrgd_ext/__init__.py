@@ -7,15 +7,12 @@ fused C++/CUDA kernels, and gives each eigen-group its own rate at once in a sub
 """
 
 from mrgd_ext._version import __version__
-from mrgd_ext.ops import build_info  # loads the compiled operators
-from mrgd_ext.planning import MultiratePlan, ScaleGroup, groups_from_scales, plan_multirate
-from mrgd_ext.optim import AutoMrGD, MrGD, MultirateLR, mrgd
 from mrgd_ext.curvature import (
     CurvatureEstimate,
     CurvatureOperator,
-    GGNOperator,
-    DistributedOperator,
     DiagonalEstimate,
+    DistributedOperator,
+    GGNOperator,
     HessianOperator,
     LanczosResult,
     SpectralDensity,
@@ -31,6 +28,9 @@ from mrgd_ext.curvature import (
     trace,
     xtrace,
 )
+from mrgd_ext.ops import build_info  # loads the compiled operators
+from mrgd_ext.optim import AutoMrGD, MrGD, MultirateLR, mrgd
+from mrgd_ext.planning import MultiratePlan, ScaleGroup, groups_from_scales, plan_multirate
 
 __all__ = [
     "__version__",

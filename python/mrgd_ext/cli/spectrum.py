@@ -22,7 +22,6 @@ from mrgd_ext.cli._output import (
     write_json,
 )
 
-
 #: Built-in problems of ``spectrum``: name -> what it is (shown in --help).
 BUILTIN_SPECTRA = {
     "digits-mlp": "MLP 64-32-10 (tanh) at its seeded initialisation, cross-entropy on scikit-learn's digits "

@@ -22,6 +22,7 @@ import torch
 
 from mrgd_ext.curvature.krylov import CountingApply, probe_tridiagonals
 from mrgd_ext.curvature.operator import as_operator
+
 # Re-exported: the trace estimators used to live here.
 from mrgd_ext.curvature.trace import TraceEstimate, _check_count, _rademacher, hutchinson_trace
 

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrgd_ext.experiments.data import load_diabetes_raw
+from mrgd_ext.experiments.figures import machine_info, new_figure
 from mrgd_ext.experiments.problems import (
     random_multiscale_quadratic,
     run_cg,
@@ -45,8 +47,6 @@ from mrgd_ext.experiments.problems import (
     run_rate_cycle,
     run_subspace_rates,
 )
-from mrgd_ext.experiments.data import load_diabetes_raw
-from mrgd_ext.experiments.figures import machine_info, new_figure
 from mrgd_ext.planning import plan_multirate
 
 PROBLEMS = [
@@ -469,9 +469,9 @@ def diabetes_least_squares(
     loss, relative suboptimality ``(L - L*)/(L0 - L*)``, relative error ``||w - w*||/||w*||``, first
     iteration with relative error <= tol) with the grids, and the per-iteration histories of the winners.
     """
-    from mrgd_ext.optim.mrgd import MrGD
-    from mrgd_ext.experiments.problems import heavy_ball_params
     from mrgd_ext.curvature.scales import detect_scales
+    from mrgd_ext.experiments.problems import heavy_ball_params
+    from mrgd_ext.optim.mrgd import MrGD
 
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")

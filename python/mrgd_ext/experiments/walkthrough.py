@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrgd_ext.optim.auto import AutoMrGD
 from mrgd_ext.curvature.estimate import estimate_curvature, plan_from_estimate
-from mrgd_ext.experiments.data import multiscale_regression, principal_values
 from mrgd_ext.curvature.hessian import HessianOperator
+from mrgd_ext.experiments.data import multiscale_regression, principal_values
 from mrgd_ext.experiments.problems import heavy_ball_params
+from mrgd_ext.optim.auto import AutoMrGD
 
 __all__ = ["blog", "blog_markdown", "blog_plot"]
 

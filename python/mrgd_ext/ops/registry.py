@@ -174,7 +174,7 @@ def op_names() -> list[str]:
     return list(OPS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_kernel(device_type: str, name: str | None = None) -> bool:
     """Whether this build has a ``device_type`` ("cpu" or "cuda") kernel for operator ``name``, or for every
     mrgd_ext operator when ``name`` is None."""

@@ -67,6 +67,7 @@ from typing import Any
 
 import torch
 
+from mrgd_ext.curvature.distributed import DistributedOperator
 from mrgd_ext.curvature.estimate import (
     CurvatureEstimate,
     default_floor,
@@ -74,7 +75,6 @@ from mrgd_ext.curvature.estimate import (
     plan_from_estimate,
     widen_top,
 )
-from mrgd_ext.curvature.distributed import DistributedOperator
 from mrgd_ext.curvature.lanczos import as_operator, lanczos
 from mrgd_ext.curvature.operator import CurvatureOperator
 from mrgd_ext.optim._ddp import global_closure

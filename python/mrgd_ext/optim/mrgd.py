@@ -15,7 +15,6 @@ descent schemes", arXiv:2402.03021.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,9 +22,6 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from mrgd_ext.ops import reference as _reference
-from mrgd_ext.optim import _dtensor
-from mrgd_ext.ops import step_ops as _ops
 from mrgd_ext._validation import (
     KERNEL_PARAM_DTYPES,
     check_amp_flags,
@@ -38,6 +34,9 @@ from mrgd_ext._validation import (
     check_param_grad_lists,
     check_positive_rate,
 )
+from mrgd_ext.ops import reference as _reference
+from mrgd_ext.ops import step_ops as _ops
+from mrgd_ext.optim import _dtensor
 
 __all__ = ["MrGD", "MultirateLR", "mrgd", "cycle_of"]
 
@@ -385,7 +384,7 @@ class MrGD(Optimizer):
     # State
 
     @staticmethod
-    def _detach_group_tensors(optimizer: "MrGD", state_dict: dict[str, Any]) -> dict[str, Any]:
+    def _detach_group_tensors(optimizer: MrGD, state_dict: dict[str, Any]) -> dict[str, Any]:
         # torch.optim's state_dict shares the group values; the position and the last rate change in place
         # at every step, so a state dict kept in memory gets copies (it must not move on with the optimizer).
         for g in state_dict["param_groups"]:
@@ -494,7 +493,7 @@ class MrGD(Optimizer):
         return _SUBSPACE_KEY in self.state
 
     @staticmethod
-    def _move_subspace_to_params(optimizer: "MrGD") -> None:
+    def _move_subspace_to_params(optimizer: MrGD) -> None:
         sub = optimizer.state.get(_SUBSPACE_KEY)
         if sub is None or not optimizer.param_groups[0]["params"]:
             return
