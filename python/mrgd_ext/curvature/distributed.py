@@ -164,7 +164,7 @@ class DistributedOperator:
         fields = (("n (the number of parameter elements)", 1, lambda c: c),
                   ("dtype", 2, lambda c: _DTYPE_CODES[c]),
                   ("device type", 3, lambda c: _DEVICE_CODES[c]),
-                  ("parameter shapes", 5, lambda c: "<shapes hash %d>" % c))
+                  ("parameter shapes", 5, lambda c: f"<shapes hash {c:d}>"))
         for what, col, show in fields:
             values = [row[col] for row in table]
             if len(set(values)) > 1:

@@ -34,8 +34,9 @@ rows at once is one Hessian-vector product of ``L(z)`` per row, with the tangent
 sample (the Hessian in z is block diagonal over samples, so ``(H T)_{n,i} = c_{n,i}``); these run under
 ``torch.func.vmap`` over the rows. What remains is one ``[fan_in, fan_in]`` matrix product and one symmetric
 eigensolve per row: ~0.4 s for a 1024-wide row (digits, N = 1348) on one CPU thread, instead of 1024
-Hessian-vector products through the network. The formula also says what the figures show: ``hess_{w_i} L`` is the second moment of the
-layer's input weighted by ``c_i``, so its spectrum follows the input's (Courant-Fischer:
+Hessian-vector products through the network. The formula also says what the figures show: ``hess_{w_i} L``
+is the second moment of the layer's input weighted by ``c_i``, so its spectrum follows the input's
+(Courant-Fischer:
 ``lambda_j(H) <= N max_n c_{n,i} lambda_j(A^T A / N)``).
 """
 
@@ -79,8 +80,9 @@ __all__ = [
 #: Data sets the figure functions run on: name -> description.
 DATASETS = {
     "digits": "scikit-learn digits, 1797 images 8x8, pixels divided by 16 (range [0, 1]), 75/25 train/test split",
-    "multiscale": "mrgd_ext.experiments.data.multiscale_classification: 2000 samples, d = 64 in blocks (32, 16, 16) with data "
-                  "scales (1, 0.1, 0.01), 10 classes from a teacher on the unscaled blocks, 75/25 split",
+    "multiscale": "mrgd_ext.experiments.data.multiscale_classification: 2000 samples, d = 64 in blocks "
+                  "(32, 16, 16) with data scales (1, 0.1, 0.01), 10 classes from a teacher on the unscaled blocks, "
+                  "75/25 split",
 }
 #: Default training budget per data set. NOTE: [multiscale budget]: on the multiscale set the test accuracy
 #: climbs slowly past ~0.4 (the labels depend on the small scales, which gradient descent learns at rates
@@ -1027,7 +1029,8 @@ def _hessian_plot(results: dict[str, Any], path: str | os.PathLike, title: str) 
     meta = results["meta"]
     fig.suptitle(f"{title}, {meta['dataset']}, {meta['model'].split()[0]} MLP: ln|eigenvalue| vs ln(input "
                  f"spectrum): Pearson min {_fmt(results['summary']['pearson_log']['min'], '.2f')}, slope "
-                 f"{_fmt(results['summary']['slope']['min'], '.2f')} .. {_fmt(results['summary']['slope']['max'], '.2f')}",
+                 f"{_fmt(results['summary']['slope']['min'], '.2f')} .. "
+                 f"{_fmt(results['summary']['slope']['max'], '.2f')}",
                  fontsize=9)
     fig.savefig(os.fspath(path), dpi=110)
 

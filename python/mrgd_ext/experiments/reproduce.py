@@ -231,7 +231,7 @@ def figure3_markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     mach = meta["machine"]
     lines = [
-        "# Figure 3 reproduction: iterations to relative error %g" % meta["tol"],
+        f"# Figure 3 reproduction: iterations to relative error {meta['tol']:g}",
         "",
         f"- date (UTC): {meta['date_utc']}",
         f"- machine: {mach['platform']}, processor {mach['processor']}, {mach['cpu_count']} CPUs "
@@ -247,7 +247,7 @@ def figure3_markdown(results: dict[str, Any]) -> str:
         "the spatial form with exact eigenvectors (an ideal, not a cycle).",
         "",
     ]
-    for key, prob in results["problems"].items():
+    for prob in results["problems"].values():
         spec, summary, per_seed = prob["spec"], prob["summary"], prob["per_seed"]
         gd_med = summary["gd"]["measured_median"]
         hb_med = summary["heavy_ball"]["measured_median"]
@@ -327,7 +327,10 @@ def figure3_text_table(results: dict[str, Any]) -> str:
             cells.append(cell)
         rows.append(cells)
     widths = [max(len(str(r[i])) for r in rows + [heads]) for i in range(len(heads))]
-    fmt_row = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def fmt_row(r):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     lines = [fmt_row(heads), "  ".join("-" * w for w in widths)] + [fmt_row(r) for r in rows]
     return "\n".join(lines)
 

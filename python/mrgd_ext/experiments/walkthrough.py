@@ -99,7 +99,6 @@ def blog(
     """Run the walkthrough (module docstring). ``scales`` are data scales; the Hessian's are their squares."""
     say = progress or (lambda _msg: None)
     X, y, info = multiscale_regression(num_samples, dims, scales, noise=0.01, seed=seed, dtype=torch.float64)
-    data = info["data"]
     from mrgd_ext.experiments.figures import machine_info
 
     results: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

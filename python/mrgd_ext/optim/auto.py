@@ -15,9 +15,9 @@ steps in subspace mode) the loss must not exceed the lowest check-point loss so 
 ``loss_slack`` (relative; so the loss cannot creep up interval by interval), and inside a cycle it must stay
 finite and below ``max_loss_growth`` times the last check point's loss (by default 10 times the square of
 the plan's predicted peak amplification: a quadratic's loss grows with the square of its error, and inside a
-cycle the plan itself lets the error grow by that much). In temporal mode the check points are the cycle ends: inside a cycle the loss may
-rise by what the plan predicts, and only a cycle as a whole has to decrease it. A violation restores the
-parameters of the last check point (one copy of the parameters is kept), backs the rates off
+cycle the plan itself lets the error grow by that much). In temporal mode the check points are the cycle ends:
+inside a cycle the loss may rise by what the plan predicts, and only a cycle as a whole has to decrease it. A
+violation restores the parameters of the last check point (one copy of the parameters is kept), backs the rates off
 (``lr_scale *= backoff``, rate rule ``"safe"``), re-measures the curvature there and goes on, with a
 :class:`RuntimeWarning`. After ``max_backoffs`` violations in a row the optimizer degrades to the safe schedule:
 one rate ``1 / (lambda_max_margin * lambda_max)`` from the measured ``lambda_max``, which decreases the loss
@@ -123,8 +123,9 @@ class AutoMrGD(MrGD):
 
     Args:
         params: the parameters (one group; tensors, not dicts), all on one device with one dtype.
-        hessian: a :class:`mrgd_ext.HessianOperator` (or :class:`mrgd_ext.GGNOperator`) over exactly these parameters, in the same order, on a
-            fixed probe batch. It is applied at the parameters' current values whenever a measurement runs.
+        hessian: a :class:`mrgd_ext.HessianOperator` (or :class:`mrgd_ext.GGNOperator`) over exactly these
+            parameters, in the same order, on a fixed probe batch. It is applied at the parameters' current values
+            whenever a measurement runs.
             Under DDP: a :class:`mrgd_ext.DistributedOperator` over each rank's probe shard; then the
             closure's loss is averaged over the ranks too, so every rank takes the same decisions.
         mode: ``"subspace"`` (default: Ritz vectors + fused subspace step) or ``"temporal"`` (cycle of rates).
@@ -329,7 +330,9 @@ class AutoMrGD(MrGD):
     def estimation_seconds(self) -> float:
         return sum(e["seconds"] for e in self.events)
 
-    def _measure(self, params: list[torch.Tensor], *, step: int, reason: str) -> tuple[CurvatureEstimate, MultiratePlan]:
+    def _measure(
+        self, params: list[torch.Tensor], *, step: int, reason: str
+    ) -> tuple[CurvatureEstimate, MultiratePlan]:
         start = None
         if self.warm_start and self.estimate is not None and self.estimate.eigenvectors is not None:
             start = self.estimate.eigenvectors

@@ -173,7 +173,8 @@ def _check_lr(lr: Any, name: str, *, values: bool = True) -> None:
     floating tensor (torch.optim's convention for compiled steps; its value is checked only when ``values``)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"{name} must be a float or a one-element floating tensor, got {lr.dtype} {tuple(lr.shape)}")
+            raise ValueError(f"{name} must be a float or a one-element floating tensor, "
+                             f"got {lr.dtype} {tuple(lr.shape)}")
         if not values:
             return
         lr = lr.item()
@@ -265,7 +266,8 @@ def _own_group_tensors(group: dict[str, Any]) -> None:
     last = group.get("last_rate", 0.0)
     # Shape [1], not 0-d: Dynamo treats a 0-d CPU float tensor of a param group as a Python float and would
     # drop the in-place update of a compiled step.
-    group["last_rate"] = torch.tensor([float(last.item() if isinstance(last, torch.Tensor) else last)], dtype=torch.float64)
+    group["last_rate"] = torch.tensor([float(last.item() if isinstance(last, torch.Tensor) else last)],
+                                      dtype=torch.float64)
 
 
 class MrGD(Optimizer):
@@ -403,7 +405,8 @@ class MrGD(Optimizer):
         groups = state_dict["param_groups"]
         if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups):
             n = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
-            raise ValueError(f"state_dict['param_groups'] has {n} groups but the optimizer has {len(self.param_groups)}")
+            raise ValueError(f"state_dict['param_groups'] has {n} groups but the optimizer has "
+                             f"{len(self.param_groups)}")
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
             name = f"state_dict['param_groups'][{gi}]"
             _check_group_fields(saved, name)
@@ -472,7 +475,8 @@ class MrGD(Optimizer):
         try:
             rates = torch.as_tensor(column_rates, dtype=torch.float64).reshape(-1)
         except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"column_rates must be a sequence of numbers or a tensor, got {type(column_rates).__name__}") from None
+            raise TypeError("column_rates must be a sequence of numbers or a tensor, "
+                            f"got {type(column_rates).__name__}") from None
         if rates.numel() != basis.shape[0]:
             raise ValueError(f"column_rates has {rates.numel()} entries but basis has {basis.shape[0]} rows")
         if not torch.isfinite(rates).all() or (rates <= 0).any():
@@ -528,7 +532,8 @@ class MrGD(Optimizer):
                 if g.dtype != p.dtype:
                     raise TypeError(f"{name}: gradient dtype {g.dtype} differs from the parameter's {p.dtype}")
                 if g.shape != p.shape:
-                    raise ValueError(f"{name}: gradient shape {tuple(g.shape)} differs from the parameter's {tuple(p.shape)}")
+                    raise ValueError(f"{name}: gradient shape {tuple(g.shape)} differs from the parameter's "
+                                     f"{tuple(p.shape)}")
                 if g.device != p.device:
                     raise ValueError(f"{name}: gradient on {g.device} but the parameter on {p.device}")
                 if group["fused"] and not compiling and not (p.is_contiguous() and g.is_contiguous()):

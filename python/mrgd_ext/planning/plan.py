@@ -224,7 +224,7 @@ class MultiratePlan:
             reps = "-" if k == 0 else str(self.counts[k - 1])
             merged = "" if len(self.members[k]) == 1 else f"  (merged {list(self.members[k])})"
             lines.append(
-                f"  {k:>5}  {'[%.4g, %.4g]' % (g.a, g.b):<25} {g.condition:>9.4g} {self.degrees[k]:>6} "
+                f"  {k:>5}  {f'[{g.a:.4g}, {g.b:.4g}]':<25} {g.condition:>9.4g} {self.degrees[k]:>6} "
                 f"{reps:>6}  {rate_txt:<23} {self.contraction_per_group[k]:>15.4g}{merged}"
             )
         lines += [

@@ -163,7 +163,8 @@ class _LevelSearch:
 
     def __init__(
         self, spectrum: tuple[ScaleGroup, ...], members: tuple[tuple[int, ...], ...], kind: str, rate_rule: str,
-        tol: float, max_degree: int, max_cycle_length: int, cache: dict[tuple[float, float, int], np.ndarray] | None = None,
+        tol: float, max_degree: int, max_cycle_length: int,
+        cache: dict[tuple[float, float, int], np.ndarray] | None = None,
     ) -> None:
         groups = hulls(spectrum, members)
         self.m = len(groups) - 1
