@@ -139,7 +139,8 @@ class MultiratePlan:
         Overflows to ``inf`` only where the true value exceeds the float64 range (far outside the groups).
         """
         with np.errstate(over="ignore"):
-            return np.exp(self.log_cycle_polynomial(lam))
+            values: np.ndarray = np.exp(self.log_cycle_polynomial(lam))
+        return values
 
     def subspace_rates(self) -> tuple[float, ...]:
         """Per-group rates for the spatial (subspace) form, DESIGN 1.4: ``2/(a_k+b_k)`` or ``1/b_k``.
