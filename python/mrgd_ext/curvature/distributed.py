@@ -28,6 +28,7 @@ bounds the wait.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -189,12 +190,14 @@ class DistributedOperator:
             raise AttributeError(f"the wrapped {type(self.op).__name__} is not a CurvatureOperator: it has no params")
         return list(params)
 
-    def flatten(self, tensors):
-        return self.op.flatten(tensors)
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        flat: torch.Tensor = self.op.flatten(tensors)
+        return flat
 
-    def unflatten(self, vec: torch.Tensor):
+    def unflatten(self, vec: torch.Tensor) -> list[torch.Tensor]:
         if hasattr(self.op, "unflatten"):
-            return self.op.unflatten(vec)
+            parts: list[torch.Tensor] = self.op.unflatten(vec)
+            return parts
         return [vec]
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
