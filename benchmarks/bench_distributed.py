@@ -147,7 +147,7 @@ def main() -> None:
            "above the core count, the times measure contention, not scaling.\n\n")
     md += markdown_table(
         ["ranks", "block product (ms)", "local products (ms)", "all-reduce alone (ms)", "HVPs/s",
-         "bytes per block product", "Lanczos k=%d (s)" % a.k, "iterations", "bytes per iteration"],
+         "bytes per block product", f"Lanczos k={a.k:d} (s)", "iterations", "bytes per iteration"],
         [[r["world"], f"{1e3 * r['block_product_s']:.1f}", f"{1e3 * r['local_product_s']:.1f}",
           f"{1e3 * r['all_reduce_s']:.2f}", f"{r['hvps_per_s']:.0f}", f"{r['bytes_per_block_product']:,}",
           f"{r['lanczos_s']:.2f}", r["lanczos_iterations"], f"{r['lanczos_bytes_per_iteration']:,.0f}"]

@@ -277,8 +277,9 @@ def run_wine(args, info) -> None:
         exact = np.sort(np.linalg.eigvalsh(dense))[::-1]
         true_trace = float(np.trace(dense))
 
-        def err(vals):
-            return float(np.max(np.abs(np.sort(np.asarray(vals))[::-1][:k] - exact[:k]) / np.abs(exact[:k])))
+        def err(vals, exact=exact):
+            top = np.sort(np.asarray(vals))[::-1][:k]
+            return float(np.max(np.abs(top - exact[:k]) / np.abs(exact[:k])))
 
         runs = []
         for b in [int(s) for s in args.block_sizes.split(",")]:
@@ -301,12 +302,11 @@ def run_wine(args, info) -> None:
                 r["eigsh_hvps_at_equal_accuracy"] = min(e["hvps"] for e in ok) if ok else None
         runs += third_party(model, loss_fn, X, y, k, exact)
         traces = []
-        for name, fn in (("hutchinson", lambda m, s: hutchinson_trace(base, m, seed=s)),
-                         ("hutch++", lambda m, s: hutchpp_trace(base, m, seed=s)),
-                         ("xtrace", lambda m, s: xtrace(base, m, seed=s))):
+        for name, estimator in (("hutchinson", hutchinson_trace), ("hutch++", hutchpp_trace), ("xtrace", xtrace)):
             for budget in (24, 96):
-                errs = [abs(fn(budget, s).trace - true_trace) / abs(true_trace) for s in range(3)]
-                traces.append({"method": name, "budget": budget, "rms_rel_error": float(np.sqrt(np.mean(np.square(errs))))})
+                errs = [abs(estimator(base, budget, seed=s).trace - true_trace) / abs(true_trace) for s in range(3)]
+                traces.append({"method": name, "budget": budget,
+                               "rms_rel_error": float(np.sqrt(np.mean(np.square(errs))))})
         models.append({"adam_lr": lr, "parameters": base.n, "top_eigenvalues": exact[:k].tolist(),
                        "trace": true_trace, "runs": runs, "trace_runs": traces})
         print(f"wine lr={lr}: done", flush=True)

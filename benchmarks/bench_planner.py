@@ -55,13 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         budget = 1.0 if n <= 20 else 5.0
         rows.append({"groups": n, "seconds": time.perf_counter() - start, "cpu_seconds": cpu_s, "budget_s": budget,
                      "within_budget": cpu_s <= budget, **outcome})
-        print(f"{n:>3} groups: {rows[-1]['seconds']:.2f} s wall, {rows[-1]['cpu_seconds']:.2f} s CPU  {outcome}", flush=True)
+        print(f"{n:>3} groups: {rows[-1]['seconds']:.2f} s wall, {rows[-1]['cpu_seconds']:.2f} s CPU  {outcome}",
+              flush=True)
     info = machine_info("cpu")
     payload = {"machine": info, "ratio": args.ratio, "results": rows}
     table = markdown_table(
-        ["groups", "wall s", "CPU s", "budget s", "strategy (or error)", "levels", "cycle length", "predicted iterations"],
+        ["groups", "wall s", "CPU s", "budget s", "strategy (or error)", "levels", "cycle length",
+         "predicted iterations"],
         [[r["groups"], f"{r['seconds']:.2f}", f"{r['cpu_seconds']:.2f}",
-          f"{r['budget_s']:g} ({'met' if r['within_budget'] else 'MISSED'})", r.get("strategy", r.get("error", "")), r.get("levels", ""),
+          f"{r['budget_s']:g} ({'met' if r['within_budget'] else 'MISSED'})", r.get("strategy", r.get("error", "")),
+          r.get("levels", ""),
           r.get("cycle_length", ""), r.get("predicted_iterations", "")] for r in rows],
     )
     md = markdown_header("Planner time (plan_multirate, strategy auto)", info) + "\n" + table + "\n"

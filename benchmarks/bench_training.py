@@ -31,7 +31,8 @@ curvature estimation, wall seconds (construction included: AutoMrGD measures the
 the final loss and the test metric (accuracy, or test mean squared error for regression). Reported: medians
 over the 3 seeds. A baseline stops when its loss is not finite or above 1e3 times the initial loss
 (``diverged``); an AutoMrGD run (which watches and rolls back its own loss) is judged at its end: ``diverged``
-if its final loss is above 1e3 times the initial one, ``failed`` with its message if it raised. Runs with f* stop at a gap 1e-9.
+if its final loss is above 1e3 times the initial one, ``failed`` with its message if it raised. Runs with f*
+stop at a gap 1e-9.
 
 Writes ``OUT/training_cpu.json`` and ``OUT/training_cpu.md`` (OUT: benchmarks/results, or
 benchmarks/results/quick with ``--quick``, which uses smaller budgets and grids).
@@ -101,7 +102,9 @@ def load_breast_cancer_raw() -> tuple[torch.Tensor, torch.Tensor, str]:
     return x, y.long(), "mrgd_ext.experiments.data.load_breast_cancer(standardize=False)"
 
 
-def load_multiscale(num_samples: int, dims, scales, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def load_multiscale(
+    num_samples: int, dims, scales, num_classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     x, y, _ = data.multiscale_classification(num_samples, dims, scales, num_classes, seed=seed)
     return x.to(torch.float32), y.long(), "mrgd_ext.experiments.data.multiscale_classification"
 
@@ -114,7 +117,8 @@ def load_diabetes_raw() -> tuple[torch.Tensor, torch.Tensor, str]:
     from sklearn.datasets import load_diabetes
 
     x, y = load_diabetes(return_X_y=True, scaled=False)
-    return torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64), "sklearn load_diabetes(scaled=False)"
+    return (torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64),
+            "sklearn load_diabetes(scaled=False)")
 
 
 def load_wine_raw() -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -471,7 +475,8 @@ def check_problem(name: str, res: dict) -> dict:
             items.append({"what": f"{m}: time to gap 1e-6 <= 1.0x L-BFGS", "pass": r1 is not None and r1 <= 1.0,
                           "detail": f"{a['gap_s']} s vs L-BFGS {s['lbfgs']['gap_s']} s (ratio {r1})"})
             r2 = _ratio(a["target_s"], s["gd"]["target_s"])
-            items.append({"what": f"{m}: time to tuned GD's final loss <= 0.2x GD", "pass": r2 is not None and r2 <= 0.2,
+            items.append({"what": f"{m}: time to tuned GD's final loss <= 0.2x GD",
+                          "pass": r2 is not None and r2 <= 0.2,
                           "detail": f"{a['target_s']} s vs GD {s['gd']['target_s']} s (ratio {r2})"})
         else:
             r1 = _ratio(a["target_s"], s["gd"]["target_s"])

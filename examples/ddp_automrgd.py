@@ -51,7 +51,7 @@ def main() -> None:
         return loss
 
     first = None
-    for step in range(args.steps):
+    for _ in range(args.steps):
         loss = opt.step(closure)  # the ranks' mean loss
         first = float(loss) if first is None else first
     # Every rank took the same steps: compare a checksum of the parameters bit for bit.

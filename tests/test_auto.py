@@ -148,7 +148,8 @@ def _run(opt, closure, w, w_star, tol=1e-6, max_iter=20000):
 def test_auto_temporal_on_a_multiscale_quadratic_reaches_its_prediction():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, rate_rule="optimal", refresh_every=10**6)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, rate_rule="optimal",
+                   refresh_every=10**6)
     assert opt.plan.num_groups == 3
     assert opt.events[0]["kind"] == "estimate" and opt.estimation_hvps > 0
     with warnings.catch_warnings():
@@ -227,8 +228,8 @@ def test_auto_refreshes_on_schedule_with_warm_start():
 def test_auto_temporal_refreshes_only_at_cycle_starts():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=1, max_refresh_interval=1,
-                   max_cycle_length=10**4)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=1,
+                   max_refresh_interval=1, max_cycle_length=10**4)
     length = opt.plan.cycle_length
     closure = closure_for(opt)
     for _ in range(2 * length + 1):
@@ -242,7 +243,8 @@ def test_auto_temporal_refreshes_only_at_cycle_starts():
 def test_auto_backs_off_instead_of_diverging():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, lr_scale=40.0, refresh_every=10**6)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, lr_scale=40.0,
+                   refresh_every=10**6)
     closure = closure_for(opt)
     loss0 = float(closure().detach())
     with pytest.warns(RuntimeWarning, match="re-measured"):
@@ -279,7 +281,8 @@ def test_auto_raises_only_for_a_broken_closure():
     # safe rate has been halved down to 2**-40 of itself the optimizer says the closure is broken.
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_backoffs=0, refresh_every=10**6, check_every=1)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_backoffs=0, refresh_every=10**6,
+                   check_every=1)
     count = [0]
 
     def broken():
@@ -438,7 +441,8 @@ def test_auto_subspace_measures_the_curvature_left_outside_the_basis():
 def test_auto_temporal_cycles_fit_the_refresh_interval():
     eigs = _spectrum()
     w, _w_star, _H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=30, rate_rule="optimal")
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=30,
+                   rate_rule="optimal")
     assert opt.plan.cycle_length <= 30
     unlimited = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6,
                          rate_rule="optimal")
@@ -466,7 +470,8 @@ def test_auto_check_points_compare_with_the_lowest_loss_so_far():
     with pytest.warns(RuntimeWarning, match="lowest check-point loss 1"):
         opt.step(creeping)  # 1.06 > 1.0 * 1.05, though only 2.9% above the previous check point
     assert opt.events[-1]["kind"] == "backoff"
-    assert opt.state["multirate_auto"]["best_loss"] == pytest.approx(0.9)  # the closure re-evaluated at the restored point
+    # The closure re-evaluated at the restored point.
+    assert opt.state["multirate_auto"]["best_loss"] == pytest.approx(0.9)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -518,7 +523,8 @@ def test_cycle_aware_guard_accepts_a_transient_rise_within_the_predicted_bound()
     # cycle end is compared with the lowest check-point loss.
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6, gradient_history=False)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6,
+                   gradient_history=False)
     length = opt.plan.cycle_length
     assert length >= 3 and opt._growth_bound > 4.0
     script = [1.0] + [min(4.0, opt._growth_bound / 2)] * (length - 1) + [0.5]
@@ -538,7 +544,8 @@ def test_cycle_aware_guard_accepts_a_transient_rise_within_the_predicted_bound()
 def test_cycle_aware_guard_rolls_back_a_rise_at_the_cycle_end():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6, gradient_history=False)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6,
+                   gradient_history=False)
     length = opt.plan.cycle_length
     start = w.detach().clone()
     script = [1.0] + [2.0] * (length - 1) + [1.2, 0.9]
@@ -564,7 +571,8 @@ def test_gradient_history_triggers_a_remeasurement_when_the_curvature_outgrows_t
     H, w_star = _quadratic(eigs)
     w = torch.zeros(eigs.size, dtype=torch.float64, requires_grad=True)
     op = HessianOperator.from_closure(lambda pl: 0.125 * (pl[0] - w_star) @ (H @ (pl[0] - w_star)), [w])
-    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6, lr_scale=0.2)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6,
+                   lr_scale=0.2)
 
     def closure():
         opt.zero_grad()

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 pytest.importorskip("sklearn")
 
 sys.path.insert(0, str(SCRIPT.parent))
-import bench_training
+import bench_training  # noqa: E402 - importable only once its folder is on sys.path
 
 
 @pytest.fixture(scope="module")

@@ -362,7 +362,8 @@ def test_lanczos_with_the_cuda_kernel_matches_the_torch_composition():
     g = torch.Generator().manual_seed(0)
     A = torch.randn(300, 300, generator=g, dtype=torch.float64)
     A = (A @ A.T / 300).cuda()
-    runs = {o: mrgd_ext.curvature.lanczos(A, 6, block_size=4, tol=1e-10, seed=0, orthogonalize=o) for o in ("kernel", "torch")}
+    runs = {o: mrgd_ext.curvature.lanczos(A, 6, block_size=4, tol=1e-10, seed=0, orthogonalize=o)
+            for o in ("kernel", "torch")}
     assert runs["kernel"].orthogonalizer == "kernel" and runs["torch"].orthogonalizer == "torch"
     torch.testing.assert_close(runs["kernel"].eigenvalues, runs["torch"].eigenvalues, rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="block_size=33"):

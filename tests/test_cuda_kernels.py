@@ -334,7 +334,8 @@ def test_subspace_step_cuda_matches_cpu_and_truth(dtype, basis_dtype, sizes, r):
     cpu = [p.clone() for p in params]
     subspace_step_op(cpu, grads, basis, coeffs, lr, wd, maximize, torch.tensor([scale]), torch.zeros(1))
     dp, dg = device_lists(params, grads, "mixed")
-    subspace_step_op(dp, dg, basis.to(DEVICE), coeffs.to(DEVICE), lr, wd, maximize, cuda_scalar(scale), cuda_scalar(0.0))
+    subspace_step_op(dp, dg, basis.to(DEVICE), coeffs.to(DEVICE), lr, wd, maximize, cuda_scalar(scale),
+                     cuda_scalar(0.0))
     assert_bitwise(dp, cpu, "subspace_step_")
 
     correction = coeffs.double() @ basis.double() if n else torch.zeros(0, dtype=torch.float64)

@@ -158,12 +158,14 @@ def _curvature_rank(rank, world, init_file, out_dir, bad_input):
             _errors_on_every_rank(rank, world, errors, "dtype", lambda: DistributedOperator(
                 HessianOperator(other, loss_fn, data)))
             # A closure operator without num_samples, on one rank only.
-            closure_op = HessianOperator.from_closure(lambda p: (p[0] ** 4).sum(), [torch.ones(op.n, dtype=torch.float64)])
+            closure_op = HessianOperator.from_closure(lambda p: (p[0] ** 4).sum(),
+                                                      [torch.ones(op.n, dtype=torch.float64)])
             _errors_on_every_rank(rank, world, errors, "num_samples", lambda: DistributedOperator(
                 closure_op if rank == 1 else op.op))
             # A rank whose local product raises: every rank raises, none waits.
             failing = DistributedOperator(_FailingOperator(op.op) if rank == 1 else op.op)
-            _errors_on_every_rank(rank, world, errors, "product", lambda: failing.matvec(torch.ones(op.n, dtype=torch.float64)))
+            _errors_on_every_rank(rank, world, errors, "product",
+                                  lambda: failing.matvec(torch.ones(op.n, dtype=torch.float64)))
             # Ranks running the solver with different seeds: the blocks differ, caught on every rank.
             _errors_on_every_rank(rank, world, errors, "seed", lambda: lanczos(op, k=2, seed=rank))
             # The operator still works after all of that.
@@ -415,7 +417,7 @@ def _auto_rank(rank, world, init_file, out_dir, fail_at):
 
         out = {"error": None}
         try:
-            for step in range(AUTO_STEPS):
+            for _ in range(AUTO_STEPS):
                 opt.step(closure)
         except Exception as exc:  # noqa: BLE001 - the test asserts the type
             out["error"] = (type(exc).__name__, str(exc), step)

@@ -260,7 +260,7 @@ def test_nested_counts_follow_the_design_rule():
     for k in range(1, 3):
         target = np.abs(1 - etas[k] * dense[k]).max()
 
-        def worst(n):
+        def worst(n, cycle=cycle, k=k):
             return max(
                 (np.abs(np.prod(1 - np.asarray(cycle)[:, None] * dense[j], axis=0)) ** n
                  * np.abs(1 - etas[k] * dense[j])).max()

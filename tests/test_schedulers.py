@@ -104,7 +104,8 @@ def test_scheduler_scales_the_subspace_rates():
         m = 0.5**k
         w.grad = g.clone()
         opt.step()
-        expected = expected - m * 0.3 * g - basis.T @ ((m * torch.tensor([0.1, 0.2], dtype=torch.float64) - m * 0.3) * (basis @ g))
+        column_rates = m * torch.tensor([0.1, 0.2], dtype=torch.float64)
+        expected = expected - m * 0.3 * g - basis.T @ ((column_rates - m * 0.3) * (basis @ g))
         torch.testing.assert_close(w.detach(), expected, rtol=1e-13, atol=1e-15)
         assert opt.param_groups[0]["last_rate"].item() == pytest.approx(m * 0.3, rel=1e-15)
         sched.step()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from mrgd_ext.cli import bench, demo, info, plan, reproduce, spectrum
 from mrgd_ext.cli._output import UsageError
@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             prog = "mrgd-ext" if getattr(args, "command", None) is None else _command_name(args)
             raise _ArgumentError(prog, f"unrecognized arguments: {' '.join(unknown)}")
         if args.command is None:
-            choices = ", ".join(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+            # argparse types its private _subparsers as optional; build_parser always adds the subcommands.
+            subcommands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+            choices = ", ".join(cast("dict[str, argparse.ArgumentParser]", subcommands))
             raise _ArgumentError("mrgd-ext", f"a COMMAND is required: choose from {choices}")
         if args.command == "reproduce" and getattr(args, "figure", None) is None:
             raise _ArgumentError("mrgd-ext reproduce", "a FIGURE is required: choose from fig1, fig2, fig3, fig4, blog")

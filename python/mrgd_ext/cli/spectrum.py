@@ -42,7 +42,7 @@ def _builtin_problem(name: str, seed: int):
         from mrgd_ext.experiments.data import load_diabetes_raw
 
         X, y = load_diabetes_raw()
-        model = nn.Linear(10, 1, dtype=torch.float64)  # its bias is the intercept column of the demo
+        model: nn.Module = nn.Linear(10, 1, dtype=torch.float64)  # its bias is the intercept column of the demo
 
         def loss_fn(out, target):
             return 0.5 * torch.mean((out.squeeze(-1) - target) ** 2)

@@ -118,14 +118,15 @@ def spectral_density(
     probe_batch = _check_count(probe_batch, "probe_batch")
     gen = torch.Generator().manual_seed(int(seed))
     apply = CountingApply(A)
-    alphas, betas, lengths = [], [], []
+    alpha_parts, beta_parts, length_parts = [], [], []
     for start in range(0, num_probes, probe_batch):
         rows = min(probe_batch, num_probes - start)
         a, b, ln = probe_tridiagonals(apply, _rademacher(gen, rows, A.n, A.dtype, A.device), order)
-        alphas.append(a)
-        betas.append(b)
-        lengths.append(ln)
-    alphas, betas, lengths = np.concatenate(alphas), np.concatenate(betas), np.concatenate(lengths)
+        alpha_parts.append(a)
+        beta_parts.append(b)
+        length_parts.append(ln)
+    alphas, betas = np.concatenate(alpha_parts), np.concatenate(beta_parts)
+    lengths = np.concatenate(length_parts)
     nodes = np.full((num_probes, order), np.nan)
     weights = np.zeros((num_probes, order))
     for p in range(num_probes):

@@ -28,6 +28,7 @@ bounds the wait.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -164,7 +165,7 @@ class DistributedOperator:
         fields = (("n (the number of parameter elements)", 1, lambda c: c),
                   ("dtype", 2, lambda c: _DTYPE_CODES[c]),
                   ("device type", 3, lambda c: _DEVICE_CODES[c]),
-                  ("parameter shapes", 5, lambda c: "<shapes hash %d>" % c))
+                  ("parameter shapes", 5, lambda c: f"<shapes hash {c:d}>"))
         for what, col, show in fields:
             values = [row[col] for row in table]
             if len(set(values)) > 1:
@@ -189,12 +190,14 @@ class DistributedOperator:
             raise AttributeError(f"the wrapped {type(self.op).__name__} is not a CurvatureOperator: it has no params")
         return list(params)
 
-    def flatten(self, tensors):
-        return self.op.flatten(tensors)
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        flat: torch.Tensor = self.op.flatten(tensors)
+        return flat
 
-    def unflatten(self, vec: torch.Tensor):
+    def unflatten(self, vec: torch.Tensor) -> list[torch.Tensor]:
         if hasattr(self.op, "unflatten"):
-            return self.op.unflatten(vec)
+            parts: list[torch.Tensor] = self.op.unflatten(vec)
+            return parts
         return [vec]
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from mrgd_ext.curvature.density import SpectralDensity, spectral_density
-from mrgd_ext.curvature.lanczos import LanczosResult, as_operator, lanczos
+from mrgd_ext.curvature.lanczos import LanczosResult, lanczos
+from mrgd_ext.curvature.operator import as_operator
 from mrgd_ext.curvature.scales import detect_scales
 from mrgd_ext.planning import MultiratePlan, ScaleGroup, plan_multirate
 
@@ -212,6 +213,7 @@ def estimate_curvature(
             top_then = previous.density_lambda_max
             reused = math.isfinite(top_then) and abs(top_now - top_then) <= density_reuse_tol * abs(top_then)
         if reused:
+            assert previous is not None and previous.density is not None  # reused implies both
             density = previous.density
             density_top = previous.density_lambda_max
         else:

@@ -78,6 +78,7 @@ class GGNOperator(CurvatureOperator):
             if not out.requires_grad:
                 raise ValueError("model's output does not depend on params: the GGN is undefined")
             outputs = out.detach().requires_grad_(True)
+            assert self.loss_fn is not None  # set by the constructor
             loss = self.loss_fn(outputs, self._targets(0))
         self._check_loss(loss, "loss_fn", "the model's outputs")
 
@@ -87,21 +88,27 @@ class GGNOperator(CurvatureOperator):
         b = tangents[0].shape[0]
 
         def outputs_of(*plist: torch.Tensor) -> torch.Tensor:
-            return self._forward(plist, batch)
+            outputs: torch.Tensor = self._forward(plist, batch)
+            return outputs
+
+        loss_fn = self.loss_fn
+        assert loss_fn is not None  # set by the constructor
 
         def loss_of(outputs: torch.Tensor) -> torch.Tensor:
-            return self.loss_fn(outputs, targets)
+            return loss_fn(outputs, targets)
 
         try:
-            outputs, pull_params = torch.func.vjp(outputs_of, *primals)  # J^T w, one forward pass
+            # J^T w, one forward pass
+            outputs, pull_params = torch.func.vjp(outputs_of, *primals)  # type: ignore[misc]  # torch.func.vjp's annotation adds has_aux=True's 3-tuple
             # H_L u as the vjp of the output-space gradient (reverse over reverse): forward-mode AD of some
             # loss backwards fails (F.mse_loss's writes into a zero tangent), reverse mode does not.
-            _, pull_loss = torch.func.vjp(torch.func.grad(loss_of), outputs.detach())
+            _, pull_loss = torch.func.vjp(torch.func.grad(loss_of), outputs.detach())  # type: ignore[misc]  # torch.func.vjp's annotation adds has_aux=True's 3-tuple
 
             def ggn(*tangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 jv = torch.func.jvp(outputs_of, primals, tangent)[1]
                 (hjv,) = pull_loss(jv)
-                return pull_params(hjv)
+                products: tuple[torch.Tensor, ...] = pull_params(hjv)
+                return products
 
             # randomness="same" as in HessianOperator: dropout in train mode draws one mask per block and the
             # determinism check reports it.

@@ -183,6 +183,7 @@ class HessianOperator(CurvatureOperator):
         """The loss of one batch (or the closure's loss) at the parameters ``plist``."""
         if self._closure is not None:
             return self._closure(list(plist))
+        assert self.loss_fn is not None  # only a closure operator has none
         return self.loss_fn(self._forward(plist, batch), self._targets(batch))
 
     def _validate(self) -> None:
@@ -257,15 +258,17 @@ class HessianOperator(CurvatureOperator):
         if transform == "forward_over_reverse":
 
             def hvp(*tangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                return torch.func.jvp(grad, primals, tangent)[1]
+                products: tuple[torch.Tensor, ...] = torch.func.jvp(grad, primals, tangent)[1]
+                return products
 
         else:
             # H v = d/dtheta <grad(theta), v>: the vjp of the gradient (H symmetric). The gradient's graph is
             # built once, outside vmap, and every tangent of the block backpropagates through it.
-            _, pullback = torch.func.vjp(grad, *primals)
+            _, pullback = torch.func.vjp(grad, *primals)  # type: ignore[misc]  # torch.func.vjp's annotation adds has_aux=True's 3-tuple
 
             def hvp(*tangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                return pullback(tangent)
+                products: tuple[torch.Tensor, ...] = pullback(tangent)
+                return products
 
         # randomness="same": a random op (dropout in train mode) then draws one mask for the whole block
         # instead of failing; the determinism check reports it.

@@ -44,9 +44,13 @@ ORTHOGONALIZERS: tuple[str, ...] = ("auto", "kernel", "torch")
 _AUTO_KERNEL_DEVICES = ("cpu",)
 
 
+# (basis, vectors, rounds) -> (coeffs, gram of the orthogonalised rows, squared norms of the input rows)
+_Orthogonalizer = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 def orthogonalizer(
     choice: str, device: torch.device, dtype: torch.dtype, block_size: int
-) -> tuple[str, Callable]:
+) -> tuple[str, _Orthogonalizer]:
     if choice not in ORTHOGONALIZERS:
         raise ValueError(f"orthogonalize must be one of {ORTHOGONALIZERS}, got {choice!r}")
     kernel_ok = dtype in (torch.float32, torch.float64) and has_block_orthogonalize_kernel(device.type)
@@ -69,7 +73,7 @@ def orthogonalizer(
 class BlockKrylov:
     """The basis, its block structure and the block tridiagonal matrix of one run."""
 
-    def __init__(self, op: Any, capacity: int, orth: Callable, gen: torch.Generator):
+    def __init__(self, op: Any, capacity: int, orth: _Orthogonalizer, gen: torch.Generator):
         self.op = op
         self.capacity = capacity
         self.Q = torch.empty((capacity, op.n), dtype=op.dtype, device=op.device)  # rows: basis vectors
@@ -140,8 +144,8 @@ class BlockKrylov:
     def _reorthonormalize(self, X: torch.Tensor, threshold: float = 0.5) -> tuple[torch.Tensor, np.ndarray]:
         """CGS2 of the rows of ``X`` (already nearly orthonormal, or fresh random rows) against the basis,
         then orthonormalisation; rows that lose more than ``1 - threshold`` of their norm are dropped."""
-        _, g, _ = self.orth(self.Q[: self.m], X, 2)
-        g = g.cpu().numpy()
+        _, gram, _ = self.orth(self.Q[: self.m], X, 2)
+        g = gram.cpu().numpy()
         ref = math.sqrt(max(float(np.diag(g).max()), 0.0)) if g.size else 0.0
         M = self._normalizer(g, ref, max_rows=X.shape[0], threshold=threshold)
         return self._combine(M, X), M
@@ -158,7 +162,8 @@ class BlockKrylov:
         thr = (100.0 * self.eps if threshold is None else threshold) * ref
         keep = sigma > thr
         keep[np.cumsum(keep) > max_rows] = False
-        return (U[:, keep] / sigma[keep]).T
+        rows: np.ndarray = (U[:, keep] / sigma[keep]).T
+        return rows
 
     def restart(self, keep: np.ndarray, theta: np.ndarray, coupling: np.ndarray | None) -> None:
         """Thick restart: replace the basis by the Ritz vectors ``Y = keep^T Q`` (``keep`` [m, p], orthonormal
@@ -182,7 +187,7 @@ class BlockKrylov:
         self.T[:p, :p] = np.diag(theta)
         self.blocks = [(0, p)] if p else []
         self.m = p
-        if tail is not None:
+        if tail is not None and coupling is not None:  # tail exists exactly when coupling does
             b = tail.shape[0]
             self.Q[p : p + b] = tail
             self.m = p + b

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from mrgd_ext.curvature.krylov import ORTHOGONALIZERS, BlockKrylov, CountingApply, orthogonalizer
-from mrgd_ext.curvature.operator import _Operator, as_operator
+from mrgd_ext.curvature.operator import LinearOperator, as_operator
 
 __all__ = ["lanczos", "LanczosResult", "WHICH", "ORTHOGONALIZERS"]
 
@@ -127,7 +127,8 @@ def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     else:
         top, bottom = (k + 1) // 2, k // 2
         idx = np.union1d(np.arange(max(m - top, 0), m), np.arange(0, min(bottom, m)))
-    return idx[::-1].copy()
+    picked: np.ndarray = idx[::-1].copy()
+    return picked
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
@@ -138,7 +139,7 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
     return int(value)
 
 
-def _start_block(K: BlockKrylov, start: torch.Tensor | None, block_size: int, A: _Operator) -> torch.Tensor:
+def _start_block(K: BlockKrylov, start: torch.Tensor | None, block_size: int, A: LinearOperator) -> torch.Tensor:
     # NOTE: [warm start]
     # Ritz vectors of a nearby operator span most of the wanted invariant subspace; a Krylov space grown from
     # combinations of them reaches small residuals in fewer iterations than one grown from noise. Random
@@ -178,7 +179,8 @@ def _thresholds(theta: np.ndarray, tol: float, scale: float, eps: float) -> np.n
     # Each Ritz pair is judged relative to its own value, so small eigenvalues of a multiscale spectrum are
     # as accurate (relatively) as the largest. Values near 0 get the floor max(1e-3 tol, 100 eps) |H|: a
     # relative test is unreachable there, and below 100 eps |H| rounding of the products dominates.
-    return np.maximum(tol * np.abs(theta), max(1e-3 * tol, 100.0 * eps) * scale)
+    thresholds: np.ndarray = np.maximum(tol * np.abs(theta), max(1e-3 * tol, 100.0 * eps) * scale)
+    return thresholds
 
 
 def lanczos(

@@ -106,7 +106,8 @@ class _Operator(LinearOperator):
         self.dtype = dtype
         self.device = torch.device(device)
         if unflatten is not None:
-            self.unflatten = unflatten  # type: ignore[method-assign]
+            # The instance attribute replaces the method (a callable of the same signature, without self).
+            self.unflatten = unflatten  # type: ignore[assignment]
         self._init_counter()
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -220,17 +221,16 @@ def _as_batches(data: Any) -> list[tuple[Any, Any]]:
 
 def _select(model: nn.Module, params: Iterable[torch.Tensor] | Iterable[str] | None) -> list[tuple[str, torch.Tensor]]:
     """``params=`` (None, parameters or names) -> ``[(name, parameter)]`` in the given order."""
-    named = dict(model.named_parameters())
+    named: dict[str, torch.Tensor] = dict(model.named_parameters())
     if params is None:
         selected = [(name, p) for name, p in named.items() if p.requires_grad]
         if not selected:
             raise ValueError("params is empty: the model has no parameter with requires_grad=True")
         return selected
-    if isinstance(params, (torch.Tensor, str)):
-        params = [params]  # type: ignore[list-item]
+    items: Iterable[torch.Tensor | str] = [params] if isinstance(params, (torch.Tensor, str)) else params
     by_id = {id(p): name for name, p in named.items()}
     selected = []
-    for i, p in enumerate(params):
+    for i, p in enumerate(items):
         if isinstance(p, str):
             if p not in named:
                 raise ValueError(f"params[{i}]: the model has no parameter named {p!r}")
@@ -303,7 +303,7 @@ class CurvatureOperator(LinearOperator):
         selected = _select(model, params)
         self._init_params([p for _, p in selected], [name for name, _ in selected], "params")
         self.model: nn.Module | None = model
-        self.loss_fn = loss_fn
+        self.loss_fn: Callable[[Any, Any], torch.Tensor] | None = loss_fn
         self.train_mode = bool(train_mode)
         chosen = {name for name, _ in selected}
         # Parameters outside the selection enter as constants (detached, so no graph reaches them).
@@ -441,7 +441,7 @@ class CurvatureOperator(LinearOperator):
         if vec.shape[-1] != self.n or vec.dim() not in (1, 2):
             raise ValueError(f"unflatten needs a tensor of shape [{self.n}] or [b, {self.n}], got {tuple(vec.shape)}")
         lead = () if vec.dim() == 1 else (vec.shape[0],)
-        return [part.reshape(*lead, *shape) for part, shape in zip(vec.split(self._numels, dim=-1), self.shapes)]
+        return [part.reshape(*lead, *shape) for part, shape in zip(torch.split(vec, self._numels, dim=-1), self.shapes)]
 
     # ------------------------------------------------------------------------------------------------
     # Application

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrgd_ext.planning.plan import ScaleGroup
+from mrgd_ext.planning.groups import ScaleGroup
 
 __all__ = ["detect_scales"]
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mrgd_ext.curvature.krylov import CountingApply
-from mrgd_ext.curvature.operator import as_operator
+from mrgd_ext.curvature.operator import LinearOperator, as_operator
 
 __all__ = [
     "TRACE_METHODS",
@@ -103,7 +103,10 @@ def _stats(samples: np.ndarray) -> tuple[float, float]:
     return float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(samples.shape[0]))
 
 
-def _probe_quadratics(apply, gen, A, count: int, batch_size: int, project: torch.Tensor | None = None) -> np.ndarray:
+def _probe_quadratics(
+    apply: CountingApply, gen: torch.Generator, A: LinearOperator, count: int, batch_size: int,
+    project: torch.Tensor | None = None,
+) -> np.ndarray:
     """``z^T H z`` for ``count`` Rademacher probes (projected as ``z - (z Q^T) Q`` when ``project=Q``)."""
     out = []
     for start in range(0, count, batch_size):
@@ -251,12 +254,11 @@ def trace(
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
     budget = _check_count(budget, "budget", 2)
-    kw = dict(seed=seed, batch_size=batch_size, n=n, dtype=dtype, device=device)
     if method == "xtrace" or (method == "auto" and budget >= 4):
-        return xtrace(op, budget, **kw)
+        return xtrace(op, budget, seed=seed, batch_size=batch_size, n=n, dtype=dtype, device=device)
     if method == "hutch++":
-        return hutchpp_trace(op, budget, **kw)
-    return hutchinson_trace(op, budget, **kw)
+        return hutchpp_trace(op, budget, seed=seed, batch_size=batch_size, n=n, dtype=dtype, device=device)
+    return hutchinson_trace(op, budget, seed=seed, batch_size=batch_size, n=n, dtype=dtype, device=device)
 
 
 def hutchinson_diagonal(

@@ -34,8 +34,9 @@ rows at once is one Hessian-vector product of ``L(z)`` per row, with the tangent
 sample (the Hessian in z is block diagonal over samples, so ``(H T)_{n,i} = c_{n,i}``); these run under
 ``torch.func.vmap`` over the rows. What remains is one ``[fan_in, fan_in]`` matrix product and one symmetric
 eigensolve per row: ~0.4 s for a 1024-wide row (digits, N = 1348) on one CPU thread, instead of 1024
-Hessian-vector products through the network. The formula also says what the figures show: ``hess_{w_i} L`` is the second moment of the
-layer's input weighted by ``c_i``, so its spectrum follows the input's (Courant-Fischer:
+Hessian-vector products through the network. The formula also says what the figures show: ``hess_{w_i} L``
+is the second moment of the layer's input weighted by ``c_i``, so its spectrum follows the input's
+(Courant-Fischer:
 ``lambda_j(H) <= N max_n c_{n,i} lambda_j(A^T A / N)``).
 """
 
@@ -48,7 +49,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -79,8 +80,9 @@ __all__ = [
 #: Data sets the figure functions run on: name -> description.
 DATASETS = {
     "digits": "scikit-learn digits, 1797 images 8x8, pixels divided by 16 (range [0, 1]), 75/25 train/test split",
-    "multiscale": "mrgd_ext.experiments.data.multiscale_classification: 2000 samples, d = 64 in blocks (32, 16, 16) with data "
-                  "scales (1, 0.1, 0.01), 10 classes from a teacher on the unscaled blocks, 75/25 split",
+    "multiscale": "mrgd_ext.experiments.data.multiscale_classification: 2000 samples, d = 64 in blocks "
+                  "(32, 16, 16) with data scales (1, 0.1, 0.01), 10 classes from a teacher on the unscaled blocks, "
+                  "75/25 split",
 }
 #: Default training budget per data set. NOTE: [multiscale budget]: on the multiscale set the test accuracy
 #: climbs slowly past ~0.4 (the labels depend on the small scales, which gradient descent learns at rates
@@ -172,8 +174,8 @@ def _check_xy(x: Any, y: Any, name_x: str = "x", name_y: str = "y") -> None:
         raise ValueError(f"{name_x} must be a floating tensor [N, d] with N >= 1, got {shape}")
     if (not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]
             or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8)):
-        shape = (tuple(y.shape), y.dtype) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"{name_y} must be an integer class-label tensor [N] with N = {x.shape[0]}, got {shape}")
+        got = (tuple(y.shape), y.dtype) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{name_y} must be an integer class-label tensor [N] with N = {x.shape[0]}, got {got}")
 
 
 def train_full_batch(
@@ -499,7 +501,7 @@ def gradient_row_magnitudes(
     """
     _check_xy(x, y)
     layer, positions = _check_layer(model, layer)
-    lin = model[positions[layer]]
+    lin = cast(nn.Linear, model[positions[layer]])
     rows = _check_rows(rows, lin.out_features)
     split = _split(model, x, y, layer, positions)
     delta = torch.func.grad(split.loss_of_z)(split.z)  # [N, out]
@@ -594,7 +596,7 @@ def row_hessian_eigenvalues(
     """
     _check_xy(x, y)
     layer, positions = _check_layer(model, layer)
-    lin = model[positions[layer]]
+    lin = cast(nn.Linear, model[positions[layer]])
     rows = _check_rows(rows, lin.out_features)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
@@ -653,7 +655,7 @@ def _dataset(dataset: str, num_samples: int | None, seed: int) -> tuple[torch.Te
 def _pick_rows(model: nn.Sequential, x: torch.Tensor, layer: int, positions: list[int], seed: int) -> tuple[int, int]:
     """Row 0 and a random row ``i > 0`` whose unit is active on some training sample (the paper's ``W_{1,:}``
     and ``W_{i,:}``): a unit that is never active has a zero gradient row and no curvature."""
-    lin = model[positions[layer]]
+    lin = cast(nn.Linear, model[positions[layer]])
     if lin.out_features < 2:
         return (0, 0)
     with torch.no_grad():
@@ -778,7 +780,8 @@ def figure1(
     """
     meta, model, (x_train, y_train, _, _), train, positions = _run(
         "fig1", dataset, hidden, milestones, lr, max_steps, num_samples, seed, progress)
-    chosen = _check_rows(rows, model[positions[0]].out_features) if rows is not None else _pick_rows(
+    first = cast(nn.Linear, model[positions[0]])
+    chosen = _check_rows(rows, first.out_features) if rows is not None else _pick_rows(
         model, x_train, 0, positions, seed)
     meta.update(rows=list(chosen), layer=0, center=center)
     stages = []
@@ -805,7 +808,7 @@ def figure1(
 
 def _hessian_figure(
     figure: str, layers: Sequence[int], *, dataset: str, hidden: Sequence[int], milestones: Sequence[float],
-    lr: float, max_steps: int, num_samples: int | None, rows: Sequence[int] | None, seed: int,
+    lr: float, max_steps: int | None, num_samples: int | None, rows: Sequence[int] | None, seed: int,
     progress: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence) or len(hidden) < max(layers) + 1:
@@ -815,7 +818,7 @@ def _hessian_figure(
         figure, dataset, hidden, milestones, lr, max_steps, num_samples, seed, progress)
     chosen = {}
     for layer in layers:
-        out_features = model[positions[layer]].out_features
+        out_features = cast(nn.Linear, model[positions[layer]]).out_features
         chosen[layer] = (_check_rows(rows, out_features) if rows is not None
                          else _pick_rows(model, x_train, layer, positions, seed))
     meta.update(layers=list(layers), rows={str(k): list(v) for k, v in chosen.items()})
@@ -930,7 +933,7 @@ def figure_text_summary(results: dict[str, Any]) -> str:
 # Plots (the object API on an Agg canvas, as mrgd_ext.experiments.reproduce's plots)
 
 
-def _ln(values: Sequence[float], floor: float = 0.0) -> np.ndarray:
+def _ln(values: Sequence[float] | np.ndarray, floor: float = 0.0) -> np.ndarray:
     """ln|values|, NaN (a gap in the curve) at zero and at or below ``floor`` times the largest magnitude."""
     v = np.abs(np.asarray(values, dtype=np.float64))
     keep = v > floor * (v.max() if v.size else 0.0)
@@ -1004,7 +1007,9 @@ def _hessian_plot(results: dict[str, Any], path: str | os.PathLike, title: str) 
     fig = new_figure(4.6 * len(panels), 4.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (layer, i) in zip(axes, panels):
-        scales, spectrum, n = [], None, 0
+        scales: list[float | None] = []
+        spectrum: Any = None
+        n = 0
         for s, color in zip(results["stages"], STAGE_COLORS):
             entry = s["layers"][str(layer)]
             row = entry["per_row"][str(i)]
@@ -1027,7 +1032,8 @@ def _hessian_plot(results: dict[str, Any], path: str | os.PathLike, title: str) 
     meta = results["meta"]
     fig.suptitle(f"{title}, {meta['dataset']}, {meta['model'].split()[0]} MLP: ln|eigenvalue| vs ln(input "
                  f"spectrum): Pearson min {_fmt(results['summary']['pearson_log']['min'], '.2f')}, slope "
-                 f"{_fmt(results['summary']['slope']['min'], '.2f')} .. {_fmt(results['summary']['slope']['max'], '.2f')}",
+                 f"{_fmt(results['summary']['slope']['min'], '.2f')} .. "
+                 f"{_fmt(results['summary']['slope']['max'], '.2f')}",
                  fontsize=9)
     fig.savefig(os.fspath(path), dpi=110)
 

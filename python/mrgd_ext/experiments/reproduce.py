@@ -49,7 +49,7 @@ from mrgd_ext.experiments.problems import (
 )
 from mrgd_ext.planning import plan_multirate
 
-PROBLEMS = [
+PROBLEMS: list[dict[str, Any]] = [
     dict(key="two_scales", label="2 scales (m=1, r=1e-3)", num_scales=2, ratio=1e-3, ratio_is="hessian",
          supplementary=False),
     dict(key="three_scales", label="3 scales (m=2, r=0.1)", num_scales=3, ratio=0.1, ratio_is="hessian",
@@ -129,9 +129,10 @@ def _run_seed(spec: dict[str, Any], seed: int, tol: float) -> dict[str, Any]:
 
 
 def _median(values: list[int | None]) -> float | None:
-    if any(v is None for v in values):
+    present = [v for v in values if v is not None]
+    if len(present) < len(values):
         return None
-    return float(statistics.median(values))
+    return float(statistics.median(present))
 
 
 def _fmt(v: float | None) -> str:
@@ -181,7 +182,7 @@ def figure3(
         summary = {}
         for method in METHOD_LABELS:
             rows = [r["methods"][method] for r in per_seed]
-            entry = {"measured_median": _median([r["measured"] for r in rows])}
+            entry: dict[str, Any] = {"measured_median": _median([r["measured"] for r in rows])}
             if "predicted" in rows[0]:
                 entry["predicted_median"] = _median([r["predicted"] for r in rows])
             if "measured_worst" in rows[0]:
@@ -231,7 +232,7 @@ def figure3_markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     mach = meta["machine"]
     lines = [
-        "# Figure 3 reproduction: iterations to relative error %g" % meta["tol"],
+        f"# Figure 3 reproduction: iterations to relative error {meta['tol']:g}",
         "",
         f"- date (UTC): {meta['date_utc']}",
         f"- machine: {mach['platform']}, processor {mach['processor']}, {mach['cpu_count']} CPUs "
@@ -247,7 +248,7 @@ def figure3_markdown(results: dict[str, Any]) -> str:
         "the spatial form with exact eigenvectors (an ideal, not a cycle).",
         "",
     ]
-    for key, prob in results["problems"].items():
+    for prob in results["problems"].values():
         spec, summary, per_seed = prob["spec"], prob["summary"], prob["per_seed"]
         gd_med = summary["gd"]["measured_median"]
         hb_med = summary["heavy_ball"]["measured_median"]
@@ -327,7 +328,10 @@ def figure3_text_table(results: dict[str, Any]) -> str:
             cells.append(cell)
         rows.append(cells)
     widths = [max(len(str(r[i])) for r in rows + [heads]) for i in range(len(heads))]
-    fmt_row = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def fmt_row(r):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     lines = [fmt_row(heads), "  ".join("-" * w for w in widths)] + [fmt_row(r) for r in rows]
     return "\n".join(lines)
 
@@ -496,8 +500,9 @@ def diabetes_least_squares(
                        "history": run}
     tick("MrGD")
 
-    def best_of(candidates: list[tuple[dict[str, Any], Callable[[list], Any]]], label: str) -> dict[str, Any]:
-        grid, best = [], None
+    def best_of(candidates: list[tuple[dict[str, Any], Callable[..., Any]]], label: str) -> dict[str, Any]:
+        grid = []
+        best: tuple[float, dict[str, Any], dict[str, Any]] | None = None
         for settings, make in candidates:
             run = _train(X, y, w_star, make, iterations)
             summary = _summarise(run, loss_star, tol, settings)
@@ -506,6 +511,7 @@ def diabetes_least_squares(
             if best is None or final < best[0]:
                 best = (final, summary, run)
             tick(label)
+        assert best is not None  # every grid has candidates
         return {**best[1], "history": best[2], "grid": grid}
 
     methods["sgd"] = best_of(

@@ -41,11 +41,11 @@ def _loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.mean((out.squeeze(-1) - target) ** 2)
 
 
-def _run(name: str, make: Callable[[list[torch.Tensor]], Any], X: torch.Tensor, y: torch.Tensor,
+def _run(name: str, make: Callable[[list[torch.Tensor], torch.nn.Module], Any], X: torch.Tensor, y: torch.Tensor,
          loss_star: float, tol: float, max_iter: int, closure_step: bool) -> dict[str, Any]:
     model = torch.nn.Linear(X.shape[1], 1, bias=False, dtype=torch.float64)
     torch.nn.init.zeros_(model.weight)
-    params = list(model.parameters())
+    params: list[torch.Tensor] = list(model.parameters())
     start = time.perf_counter()
     opt = make(params, model)
     gap0 = None
@@ -99,7 +99,6 @@ def blog(
     """Run the walkthrough (module docstring). ``scales`` are data scales; the Hessian's are their squares."""
     say = progress or (lambda _msg: None)
     X, y, info = multiscale_regression(num_samples, dims, scales, noise=0.01, seed=seed, dtype=torch.float64)
-    data = info["data"]
     from mrgd_ext.experiments.figures import machine_info
 
     results: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

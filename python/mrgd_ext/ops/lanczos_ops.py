@@ -75,4 +75,7 @@ def block_orthogonalize_(
             f"this mrgd_ext build has no block_orthogonalize_ kernel for {vectors.device.type}; use "
             "mrgd_ext.ops.lanczos_reference.block_orthogonalize"
         )
-    return torch.ops.mrgd_ext.block_orthogonalize_(basis, vectors, rounds)
+    result: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = torch.ops.mrgd_ext.block_orthogonalize_(
+        basis, vectors, rounds
+    )
+    return result

@@ -23,7 +23,9 @@ def _skipped(found_inf: torch.Tensor | None) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
 
 
-def _gradient_factor(maximize: bool, grad_scale: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor:
+def _gradient_factor(
+    maximize: bool, grad_scale: torch.Tensor | None, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
     sign = -1.0 if maximize else 1.0
     factor = torch.tensor(sign, dtype=dtype, device=device)
     if grad_scale is not None:
@@ -59,7 +61,7 @@ def multirate_step(
         p.copy_(new)
 
 
-def _flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+def _flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     if len(tensors) == 0:
         return torch.zeros(0, dtype=dtype, device=device)
     return torch.cat([t.reshape(-1).to(dtype) for t in tensors])

@@ -15,10 +15,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from mrgd_ext import _C  # noqa: F401  (loading the library registers the operators)
+import mrgd_ext._C  # noqa: F401  (loading the library registers the operators)
 from mrgd_ext._validation import KERNEL_PARAM_DTYPES, coefficient_dtype
 from mrgd_ext.ops import lanczos_reference, reference
 
@@ -36,17 +37,17 @@ class OpInfo:
     """
 
     name: str
-    fake: Callable
-    reference: Callable
+    fake: Callable[..., Any]
+    reference: Callable[..., Any]
     dtypes: tuple[torch.dtype, ...]
-    sample: Callable[[torch.device, torch.dtype], tuple]
+    sample: Callable[[torch.device, torch.dtype], tuple[Any, ...]]
 
     @property
     def qualname(self) -> str:
         return f"{NAMESPACE}::{self.name}"
 
     @property
-    def packet(self):
+    def packet(self) -> Any:
         """``torch.ops.mrgd_ext.<name>``."""
         return getattr(getattr(torch.ops, NAMESPACE), self.name)
 
@@ -65,16 +66,21 @@ class OpInfo:
 # Fake implementations (shapes and dtypes only) and schema-ordered adapters of the references.
 
 
-def _no_output_fake(*args):
+def _no_output_fake(*args: Any) -> None:
     return None
 
 
-def _subspace_project_fake(params, grads, basis, weight_decay, maximize, grad_scale=None):
+def _subspace_project_fake(
+    params: list[torch.Tensor], grads: list[torch.Tensor], basis: torch.Tensor, weight_decay: float, maximize: bool,
+    grad_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     dtype = coefficient_dtype(params[0].dtype) if len(params) else torch.float32
     return basis.new_empty((basis.shape[0],), dtype=dtype)
 
 
-def _block_orthogonalize_fake(basis, vectors, rounds=2):
+def _block_orthogonalize_fake(
+    basis: torch.Tensor, vectors: torch.Tensor, rounds: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, m = vectors.shape[0], basis.shape[0]
     return (
         vectors.new_empty((b, m), dtype=torch.float64),
@@ -83,21 +89,29 @@ def _block_orthogonalize_fake(basis, vectors, rounds=2):
     )
 
 
-def _multirate_step_reference(params, grads, lr, weight_decay, maximize, grad_scale=None, found_inf=None):
+def _multirate_step_reference(
+    params: list[torch.Tensor], grads: list[torch.Tensor], lr: float, weight_decay: float, maximize: bool,
+    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+) -> None:
     reference.multirate_step(
         params, grads, lr, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf
     )
 
 
-def _subspace_project_reference(params, grads, basis, weight_decay, maximize, grad_scale=None):
+def _subspace_project_reference(
+    params: list[torch.Tensor], grads: list[torch.Tensor], basis: torch.Tensor, weight_decay: float, maximize: bool,
+    grad_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     return reference.subspace_project(
         params, grads, basis, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale
     )
 
 
 def _subspace_step_reference(
-    params, grads, basis, coeffs, lr, weight_decay, maximize, grad_scale=None, found_inf=None
-):
+    params: list[torch.Tensor], grads: list[torch.Tensor], basis: torch.Tensor, coeffs: torch.Tensor, lr: float,
+    weight_decay: float, maximize: bool,
+    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+) -> None:
     reference.subspace_step(
         params, grads, basis, coeffs, lr, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
         found_inf=found_inf,
@@ -108,39 +122,42 @@ def _subspace_step_reference(
 # Sample calls: odd sizes (vector loops plus scalar tails), several tensors, every optional feature used.
 
 
-def _param_grads(device, dtype, sizes=((7, 3), (1000,), (33,))):
+def _param_grads(
+    device: torch.device, dtype: torch.dtype, sizes: tuple[tuple[int, ...], ...] = ((7, 3), (1000,), (33,))
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in sizes]
     grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in sizes]
     return params, grads
 
 
-def _basis(params, rank=3):
+def _basis(params: list[torch.Tensor], rank: int = 3) -> torch.Tensor:
     n = sum(p.numel() for p in params)
     gen = torch.Generator().manual_seed(1)
     q, _ = torch.linalg.qr(torch.randn(n, rank, generator=gen, dtype=torch.float64))
-    return q.T.contiguous().to(device=params[0].device, dtype=torch.float32)
+    basis: torch.Tensor = q.T.contiguous().to(device=params[0].device, dtype=torch.float32)
+    return basis
 
 
-def _multirate_step_sample(device, dtype):
+def _multirate_step_sample(device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
     params, grads = _param_grads(device, dtype)
     grad_scale = torch.tensor([4.0], device=device)
     return params, grads, 0.1, 0.01, True, grad_scale, torch.tensor([0.0], device=device)
 
 
-def _subspace_project_sample(device, dtype):
+def _subspace_project_sample(device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
     params, grads = _param_grads(device, dtype)
     return params, grads, _basis(params), 0.01, False, torch.tensor([2.0], device=device)
 
 
-def _subspace_step_sample(device, dtype):
+def _subspace_step_sample(device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
     params, grads = _param_grads(device, dtype)
     basis = _basis(params)
     coeffs = torch.tensor([0.5, -0.25, 0.125], dtype=coefficient_dtype(dtype), device=device)
     return params, grads, basis, coeffs, 0.1, 0.01, False, None, torch.tensor([0.0], device=device)
 
 
-def _block_orthogonalize_sample(device, dtype):
+def _block_orthogonalize_sample(device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
     gen = torch.Generator().manual_seed(2)
     q, _ = torch.linalg.qr(torch.randn(1001, 5, generator=gen, dtype=torch.float64))
     basis = q.T.contiguous().to(device=device, dtype=dtype)

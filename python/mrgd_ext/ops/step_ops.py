@@ -9,10 +9,11 @@ before any kernel runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from mrgd_ext import _C
+import mrgd_ext._C as _C
 from mrgd_ext._validation import (
     check_amp_flags,
     check_basis,
@@ -24,7 +25,7 @@ from mrgd_ext.ops.registry import has_kernel
 __all__ = ["build_info", "has_kernel", "multirate_step_", "subspace_project", "subspace_step_"]
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, Any]:
     """Facts about the compiled extension.
 
     Keys: ``version``, ``torch_version`` (torch the extension was built against), ``cuda`` (whether CUDA
@@ -85,9 +86,10 @@ def subspace_project(
     check_param_grad_lists(params, grads)
     check_basis(basis, sum(p.numel() for p in params), _device_of(params))
     check_amp_flags(grad_scale, None, _device_of(params))
-    return torch.ops.mrgd_ext.subspace_project(
+    coeffs: torch.Tensor = torch.ops.mrgd_ext.subspace_project(
         params, grads, basis, float(weight_decay), bool(maximize), grad_scale
     )
+    return coeffs
 
 
 def subspace_step_(

@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["is_dtensor", "local", "local_pairs", "prepare_subspace"]
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     # No DTensor can exist before torch.distributed.tensor is imported; checking sys.modules keeps
     # `import mrgd_ext` from importing it and costs a dict lookup per tensor.
     module = sys.modules.get("torch.distributed.tensor")
@@ -40,11 +43,13 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def local_pairs(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> tuple[list, list]:
+def local_pairs(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Local shards of matching parameter and gradient lists (NOTE: [local shards])."""
     out_p, out_g = [], []
     for i, (p, g) in enumerate(zip(params, grads)):
-        if is_dtensor(p) != is_dtensor(g) or (is_dtensor(p) and p.placements != g.placements):
+        if is_dtensor(p) != is_dtensor(g) or (is_dtensor(p) and is_dtensor(g) and p.placements != g.placements):
             raise ValueError(
                 f"params[{i}] and its gradient have different layouts ({_layout(p)} vs {_layout(g)}); the "
                 "element-wise step needs the gradient sharded like its parameter"
@@ -58,16 +63,19 @@ def _layout(t: torch.Tensor) -> str:
     return f"DTensor {tuple(t.placements)}" if is_dtensor(t) else "plain tensor"
 
 
-def _global_indices(p: torch.Tensor) -> torch.Tensor:
+def _global_indices(p: DTensor) -> torch.Tensor:
     """Flat indices (into the global parameter) of the elements of this rank's shard, in local order."""
     from torch.distributed.tensor import distribute_tensor
 
     index = torch.arange(p.numel(), dtype=torch.int64).reshape(p.shape).to(p.device)
     # src_data_rank=None: every rank slices its own shard of the same index tensor, no communication.
-    return distribute_tensor(index, p.device_mesh, p.placements, src_data_rank=None).to_local().reshape(-1)
+    shard: torch.Tensor = distribute_tensor(index, p.device_mesh, p.placements, src_data_rank=None).to_local()
+    return shard.reshape(-1)
 
 
-def prepare_subspace(params: Sequence[torch.Tensor], basis: torch.Tensor, process_group: Any):
+def prepare_subspace(
+    params: Sequence[torch.Tensor], basis: torch.Tensor, process_group: Any
+) -> tuple[torch.Tensor, Any, int]:
     """``(local basis, process group, local element count)`` for ``MrGD.set_subspace``.
 
     Plain parameters: unchanged. DTensor parameters: every one must be sharded (``Shard``) on the same 1-D
@@ -80,8 +88,9 @@ def prepare_subspace(params: Sequence[torch.Tensor], basis: torch.Tensor, proces
         raise ValueError("set_subspace: params mix DTensor and plain tensors; the subspace step needs one layout")
     from torch.distributed.tensor import Shard
 
-    mesh = params[0].device_mesh
-    for i, p in enumerate(params):
+    dparams = cast("list[DTensor]", list(params))  # all DTensors (checked above)
+    mesh = dparams[0].device_mesh
+    for i, p in enumerate(dparams):
         if p.device_mesh != mesh or mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in p.placements):
             raise NotImplementedError(
                 f"set_subspace: params[{i}] is a DTensor with placements {tuple(p.placements)} on a "
@@ -94,7 +103,7 @@ def prepare_subspace(params: Sequence[torch.Tensor], basis: torch.Tensor, proces
     n_global = sum(p.numel() for p in params)
     if isinstance(basis, torch.Tensor) and basis.dim() == 2 and basis.shape[1] == n_global != n_local:
         offsets, columns = 0, []
-        for p in params:
+        for p in dparams:
             columns.append(_global_indices(p) + offsets)
             offsets += p.numel()
         basis = basis[:, torch.cat(columns).to(basis.device)].contiguous()

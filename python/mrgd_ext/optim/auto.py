@@ -15,9 +15,9 @@ steps in subspace mode) the loss must not exceed the lowest check-point loss so 
 ``loss_slack`` (relative; so the loss cannot creep up interval by interval), and inside a cycle it must stay
 finite and below ``max_loss_growth`` times the last check point's loss (by default 10 times the square of
 the plan's predicted peak amplification: a quadratic's loss grows with the square of its error, and inside a
-cycle the plan itself lets the error grow by that much). In temporal mode the check points are the cycle ends: inside a cycle the loss may
-rise by what the plan predicts, and only a cycle as a whole has to decrease it. A violation restores the
-parameters of the last check point (one copy of the parameters is kept), backs the rates off
+cycle the plan itself lets the error grow by that much). In temporal mode the check points are the cycle ends:
+inside a cycle the loss may rise by what the plan predicts, and only a cycle as a whole has to decrease it. A
+violation restores the parameters of the last check point (one copy of the parameters is kept), backs the rates off
 (``lr_scale *= backoff``, rate rule ``"safe"``), re-measures the curvature there and goes on, with a
 :class:`RuntimeWarning`. After ``max_backoffs`` violations in a row the optimizer degrades to the safe schedule:
 one rate ``1 / (lambda_max_margin * lambda_max)`` from the measured ``lambda_max``, which decreases the loss
@@ -62,8 +62,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypedDict
 
 import torch
 
@@ -75,8 +75,8 @@ from mrgd_ext.curvature.estimate import (
     plan_from_estimate,
     widen_top,
 )
-from mrgd_ext.curvature.lanczos import as_operator, lanczos
-from mrgd_ext.curvature.operator import CurvatureOperator
+from mrgd_ext.curvature.lanczos import lanczos
+from mrgd_ext.curvature.operator import CurvatureOperator, as_operator
 from mrgd_ext.optim._ddp import global_closure
 from mrgd_ext.optim.mrgd import MrGD
 from mrgd_ext.planning import MultiratePlan, ScaleGroup, plan_multirate
@@ -94,6 +94,27 @@ _AUTO_KEY = "multirate_auto"
 _SAFE_SCALE_LIMIT = 2.0 ** -40
 #: A refresh whose group edges all lie within this factor of the previous ones found "the same groups".
 _SAME_GROUPS = 1.25
+
+
+class _MeasureKwargs(TypedDict):
+    """What :func:`estimate_curvature` measures (the constructor's choices)."""
+
+    num_eigs: int
+    block_size: int
+    lanczos_tol: float
+    density_probes: int
+    density_order: int
+    min_gap: float
+    floor: float
+    max_groups: int | None
+
+
+class _PlanKwargs(TypedDict):
+    """How a plan is made from an estimate (the rule and strategy change when the rates back off)."""
+
+    tol: float
+    strategy: str
+    rate_rule: str
 
 
 def _rate(group: ScaleGroup, rule: str) -> float:
@@ -123,8 +144,9 @@ class AutoMrGD(MrGD):
 
     Args:
         params: the parameters (one group; tensors, not dicts), all on one device with one dtype.
-        hessian: a :class:`mrgd_ext.HessianOperator` (or :class:`mrgd_ext.GGNOperator`) over exactly these parameters, in the same order, on a
-            fixed probe batch. It is applied at the parameters' current values whenever a measurement runs.
+        hessian: a :class:`mrgd_ext.HessianOperator` (or :class:`mrgd_ext.GGNOperator`) over exactly these
+            parameters, in the same order, on a fixed probe batch. It is applied at the parameters' current values
+            whenever a measurement runs.
             Under DDP: a :class:`mrgd_ext.DistributedOperator` over each rank's probe shard; then the
             closure's loss is averaged over the ranks too, so every rank takes the same decisions.
         mode: ``"subspace"`` (default: Ritz vectors + fused subspace step) or ``"temporal"`` (cycle of rates).
@@ -169,7 +191,7 @@ class AutoMrGD(MrGD):
 
     def __init__(
         self,
-        params,
+        params: Iterable[torch.Tensor],
         hessian: Any,
         *,
         mode: str = "subspace",
@@ -271,7 +293,7 @@ class AutoMrGD(MrGD):
             raise ValueError(f"subspace_rates must be 'group' or 'ritz', got {subspace_rates!r}")
         self.subspace_rates = subspace_rates
         self.seed = int(seed)
-        self._measure_kwargs = {
+        self._measure_kwargs: _MeasureKwargs = {
             "num_eigs": _count(num_eigs, "num_eigs", 0),
             "block_size": _count(block_size, "block_size", 1),
             "lanczos_tol": self._lanczos_tol(lanczos_tol, mode, params[0].dtype),
@@ -281,7 +303,7 @@ class AutoMrGD(MrGD):
             "floor": floor,
             "max_groups": max_groups,
         }
-        self._plan_kwargs = {"tol": tol, "strategy": strategy, "rate_rule": rate_rule}
+        self._plan_kwargs: _PlanKwargs = {"tol": tol, "strategy": strategy, "rate_rule": rate_rule}
         self.events: list[dict[str, Any]] = []
         self.estimate: CurvatureEstimate | None = None
         self.plan: MultiratePlan | None = None
@@ -327,9 +349,12 @@ class AutoMrGD(MrGD):
 
     @property
     def estimation_seconds(self) -> float:
-        return sum(e["seconds"] for e in self.events)
+        seconds: float = sum(e["seconds"] for e in self.events)
+        return seconds
 
-    def _measure(self, params: list[torch.Tensor], *, step: int, reason: str) -> tuple[CurvatureEstimate, MultiratePlan]:
+    def _measure(
+        self, params: list[torch.Tensor], *, step: int, reason: str
+    ) -> tuple[CurvatureEstimate, MultiratePlan]:
         start = None
         if self.warm_start and self.estimate is not None and self.estimate.eigenvectors is not None:
             start = self.estimate.eigenvectors
@@ -426,6 +451,7 @@ class AutoMrGD(MrGD):
             top_rest = max(self._complement_top, lowest)
         low = min(groups[-1].a, top_rest)
         base = _rate(ScaleGroup(low, top_rest), rule)
+        assert estimate.eigenvectors is not None  # subspace mode measures num_eigs >= 1 Ritz vectors
         basis = estimate.eigenvectors.to(self.basis_dtype)
         # NOTE: [basis rounding]
         # A basis stored below the precision it was computed in carries a rounding error E (rows of norm
@@ -464,7 +490,7 @@ class AutoMrGD(MrGD):
     def _at_check_point(self) -> bool:
         auto = self.state[_AUTO_KEY]
         if self.mode == "temporal" or self._safe_plan:
-            return self.param_groups[0]["cycle_position"] == 0
+            return bool(self.param_groups[0]["cycle_position"] == 0)
         return auto["since_check"] >= self.check_every or auto["ref_loss"] is None
 
     def _violation(self, loss: float, check_point: bool) -> str | None:
@@ -576,7 +602,7 @@ class AutoMrGD(MrGD):
                              torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
                                         for p in params]))
 
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Evaluate ``closure`` (loss + gradients), check the loss (NOTE: [safety]), take one MrGD step.
 
         Returns the closure's loss at the parameters the step was taken from."""

@@ -15,12 +15,14 @@ descent schemes", arXiv:2402.03021.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.optimizer import ParamsT
 
 from mrgd_ext._validation import (
     KERNEL_PARAM_DTYPES,
@@ -57,8 +59,12 @@ def cycle_of(plan: Any, name: str = "plan") -> tuple[float, ...]:
     return rates
 
 
-def _group_by_device_and_dtype(params: list[torch.Tensor], grads: list[torch.Tensor]):
-    buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
+# (device, dtype) -> (parameters, gradients) of that device and dtype.
+_Buckets = dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
+def _group_by_device_and_dtype(params: list[torch.Tensor], grads: list[torch.Tensor]) -> _Buckets:
+    buckets: _Buckets = {}
     for p, g in zip(*_dtensor.local_pairs(params, grads)):  # DTensors: their local shards (NOTE: [local shards])
         ps, gs = buckets.setdefault((p.device, p.dtype), ([], []))
         ps.append(p)
@@ -70,7 +76,7 @@ def _group_by_device_and_dtype(params: list[torch.Tensor], grads: list[torch.Ten
 # Whether this build has kernels for a device cannot change while the process runs, but the dispatcher query
 # behind it is opaque to Dynamo. Marking it constant lets a compiled step evaluate it once at trace time
 # instead of breaking the graph there.
-@torch.compiler.assume_constant_result
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]  # torch leaves it unannotated
 def _kernels_for(device_type: str) -> bool:
     return _ops.has_kernel(device_type)
 
@@ -79,14 +85,19 @@ def _fused_supported(params: Sequence[torch.Tensor]) -> bool:
     return all(p.dtype in KERNEL_PARAM_DTYPES and p.is_contiguous() and _kernels_for(p.device.type) for p in params)
 
 
-def _check_flags_and_kernels(buckets, fused, grad_scale, found_inf) -> None:
+def _check_flags_and_kernels(
+    buckets: _Buckets, fused: bool | None, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None
+) -> None:
     for (device, _), _lists in buckets.items():
         check_amp_flags(grad_scale, found_inf, device)
         if fused and not _kernels_for(device.type):
             raise RuntimeError(f"fused=True but this build of mrgd_ext has no kernel for device {device}")
 
 
-def _apply_buckets(buckets, lr, weight_decay, maximize, foreach, fused, grad_scale, found_inf) -> None:
+def _apply_buckets(
+    buckets: _Buckets, lr: float | torch.Tensor, weight_decay: float, maximize: bool, foreach: bool | None,
+    fused: bool | None, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+) -> None:
     """One temporal step on already validated (device, dtype) buckets.
 
     ``lr`` is a Python float, or a 0-d tensor in a compiled step (NOTE: [tensor rate]), which always takes
@@ -144,7 +155,10 @@ def mrgd(
     _apply_buckets(buckets, lr, weight_decay, maximize, foreach, fused, grad_scale, found_inf)
 
 
-def _foreach_multirate_step(params, grads, lr, weight_decay, maximize, grad_scale, found_inf) -> None:
+def _foreach_multirate_step(
+    params: list[torch.Tensor], grads: list[torch.Tensor] | tuple[torch.Tensor, ...], lr: float | torch.Tensor,
+    weight_decay: float, maximize: bool, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+) -> None:
     """``p -= lr * (g * sign / scale + weight_decay * p)`` with torch's multi-tensor ops; ``lr`` a float or a
     0-d tensor."""
     if found_inf is not None and found_inf.item() != 0:
@@ -173,7 +187,8 @@ def _check_lr(lr: Any, name: str, *, values: bool = True) -> None:
     floating tensor (torch.optim's convention for compiled steps; its value is checked only when ``values``)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"{name} must be a float or a one-element floating tensor, got {lr.dtype} {tuple(lr.shape)}")
+            raise ValueError(f"{name} must be a float or a one-element floating tensor, "
+                             f"got {lr.dtype} {tuple(lr.shape)}")
         if not values:
             return
         lr = lr.item()
@@ -265,7 +280,8 @@ def _own_group_tensors(group: dict[str, Any]) -> None:
     last = group.get("last_rate", 0.0)
     # Shape [1], not 0-d: Dynamo treats a 0-d CPU float tensor of a param group as a Python float and would
     # drop the in-place update of a compiled step.
-    group["last_rate"] = torch.tensor([float(last.item() if isinstance(last, torch.Tensor) else last)], dtype=torch.float64)
+    group["last_rate"] = torch.tensor([float(last.item() if isinstance(last, torch.Tensor) else last)],
+                                      dtype=torch.float64)
 
 
 class MrGD(Optimizer):
@@ -311,9 +327,12 @@ class MrGD(Optimizer):
     Subspace mode: :meth:`set_subspace` switches to the spatial form, :meth:`clear_subspace` back.
     """
 
+    # The subspace state lives under a string key next to the per-parameter entries.
+    state: defaultdict[Any, Any]
+
     def __init__(
         self,
-        params,
+        params: ParamsT,
         plan: Any,
         lr_scale: float = 1.0,
         weight_decay: float = 0.0,
@@ -342,8 +361,8 @@ class MrGD(Optimizer):
         super().__init__(params, defaults)
         # GradScaler hands grad_scale/found_inf to optimizers that declare this (torch.optim convention).
         self._step_supports_amp_scaling = True
-        self.register_load_state_dict_post_hook(MrGD._move_subspace_to_params)
-        self.register_state_dict_post_hook(MrGD._detach_group_tensors)
+        self.register_load_state_dict_post_hook(MrGD._move_subspace_to_params)  # type: ignore[arg-type]  # torch types the hook's argument as the base Optimizer
+        self.register_state_dict_post_hook(MrGD._detach_group_tensors)  # type: ignore[arg-type]  # torch types the hook's argument as the base Optimizer
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
@@ -403,7 +422,8 @@ class MrGD(Optimizer):
         groups = state_dict["param_groups"]
         if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups):
             n = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
-            raise ValueError(f"state_dict['param_groups'] has {n} groups but the optimizer has {len(self.param_groups)}")
+            raise ValueError(f"state_dict['param_groups'] has {n} groups but the optimizer has "
+                             f"{len(self.param_groups)}")
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
             name = f"state_dict['param_groups'][{gi}]"
             _check_group_fields(saved, name)
@@ -472,7 +492,8 @@ class MrGD(Optimizer):
         try:
             rates = torch.as_tensor(column_rates, dtype=torch.float64).reshape(-1)
         except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"column_rates must be a sequence of numbers or a tensor, got {type(column_rates).__name__}") from None
+            raise TypeError("column_rates must be a sequence of numbers or a tensor, "
+                            f"got {type(column_rates).__name__}") from None
         if rates.numel() != basis.shape[0]:
             raise ValueError(f"column_rates has {rates.numel()} entries but basis has {basis.shape[0]} rows")
         if not torch.isfinite(rates).all() or (rates <= 0).any():
@@ -503,7 +524,9 @@ class MrGD(Optimizer):
 
     # ----------------------------------------------------------------------------------------------
 
-    def _prepare(self, compiling: bool, grad_scale, found_inf) -> list:
+    def _prepare(
+        self, compiling: bool, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None
+    ) -> list[_Buckets]:
         """Check every group before anything is written (NOTE: [optimizer-side checks]); returns the buckets."""
         # NOTE: [optimizer-side checks]
         # Tensor.grad assignment checks shape, dtype and device against the parameter, but `.data` swaps and
@@ -528,7 +551,8 @@ class MrGD(Optimizer):
                 if g.dtype != p.dtype:
                     raise TypeError(f"{name}: gradient dtype {g.dtype} differs from the parameter's {p.dtype}")
                 if g.shape != p.shape:
-                    raise ValueError(f"{name}: gradient shape {tuple(g.shape)} differs from the parameter's {tuple(p.shape)}")
+                    raise ValueError(f"{name}: gradient shape {tuple(g.shape)} differs from the parameter's "
+                                     f"{tuple(p.shape)}")
                 if g.device != p.device:
                     raise ValueError(f"{name}: gradient on {g.device} but the parameter on {p.device}")
                 if group["fused"] and not compiling and not (p.is_contiguous() and g.is_contiguous()):
@@ -546,7 +570,7 @@ class MrGD(Optimizer):
         return prepared
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step (the next rate of the cycle, or one subspace step). Returns the closure's loss."""
         loss = None
         # NOTE: [checkpoint initialisation step]
@@ -594,7 +618,9 @@ class MrGD(Optimizer):
             group["cycle_position"].fill_((pos + 1) % len(group["cycle"]))
         return loss
 
-    def _compiled_step(self, prepared, grad_scale, found_inf) -> None:
+    def _compiled_step(
+        self, prepared: list[_Buckets], grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None
+    ) -> None:
         # NOTE: [tensor rate]
         # Dynamo guards every Python scalar of a param group on its value, so a position or a rate kept as a
         # Python number would recompile the step at every rate of the cycle. The position and the last rate
@@ -625,7 +651,7 @@ class MrGD(Optimizer):
             last.copy_(rate.reshape(1) if keep is None else torch.where(keep, rate, last))
             group["cycle_position"].copy_((pos + advance) % n)
 
-    def _subspace_step(self, grad_scale) -> None:
+    def _subspace_step(self, grad_scale: torch.Tensor | None) -> None:
         group = self.param_groups[0]
         sub = self.state[_SUBSPACE_KEY]
         params = group["params"]
@@ -668,9 +694,9 @@ class MultirateLR(LRScheduler):
         self.lr_scale = check_positive_rate(lr_scale, "lr_scale")
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:
         rate = self.lr_scale * self.cycle[self.last_epoch % len(self.cycle)]
         return [rate for _ in self.optimizer.param_groups]
 
-    def _get_closed_form_lr(self) -> list[float]:
+    def _get_closed_form_lr(self) -> list[float | torch.Tensor]:
         return self.get_lr()

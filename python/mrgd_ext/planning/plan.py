@@ -139,7 +139,8 @@ class MultiratePlan:
         Overflows to ``inf`` only where the true value exceeds the float64 range (far outside the groups).
         """
         with np.errstate(over="ignore"):
-            return np.exp(self.log_cycle_polynomial(lam))
+            values: np.ndarray = np.exp(self.log_cycle_polynomial(lam))
+        return values
 
     def subspace_rates(self) -> tuple[float, ...]:
         """Per-group rates for the spatial (subspace) form, DESIGN 1.4: ``2/(a_k+b_k)`` or ``1/b_k``.
@@ -224,7 +225,7 @@ class MultiratePlan:
             reps = "-" if k == 0 else str(self.counts[k - 1])
             merged = "" if len(self.members[k]) == 1 else f"  (merged {list(self.members[k])})"
             lines.append(
-                f"  {k:>5}  {'[%.4g, %.4g]' % (g.a, g.b):<25} {g.condition:>9.4g} {self.degrees[k]:>6} "
+                f"  {k:>5}  {f'[{g.a:.4g}, {g.b:.4g}]':<25} {g.condition:>9.4g} {self.degrees[k]:>6} "
                 f"{reps:>6}  {rate_txt:<23} {self.contraction_per_group[k]:>15.4g}{merged}"
             )
         lines += [

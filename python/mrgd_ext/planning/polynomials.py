@@ -87,7 +87,8 @@ def chebyshev_log_poly(d: int, g: ScaleGroup, lam: np.ndarray) -> np.ndarray:
     """
     mu = (g.a + g.b - 2.0 * lam) / (g.b - g.a)
     mu0 = np.array([(g.a + g.b) / (g.b - g.a)])
-    return log_abs_chebyshev_T(d, mu) - log_abs_chebyshev_T(d, mu0)[0]
+    values: np.ndarray = log_abs_chebyshev_T(d, mu) - log_abs_chebyshev_T(d, mu0)[0]
+    return values
 
 
 def chebyshev_growth(g: ScaleGroup) -> float:

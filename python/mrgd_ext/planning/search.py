@@ -40,7 +40,7 @@ def fine_counts(
     grid = Grid.build(spectrum, members, fine=True)
     lam, owner = grid.points, grid.owner
     counts: list[int] = []
-    log_p = None
+    log_p = np.zeros(0)  # set by the first group
     for k, g in enumerate(groups):
         rates = level_rates_unordered(kind, rate_rule, g, degrees[k])
         s = log_abs_poly(rates, lam)
@@ -129,7 +129,7 @@ def least_counts(log_p: np.ndarray, s: np.ndarray, reps: np.ndarray, log_t: np.n
     req = np.where(np.isnan(req), 0.0, req)
     bad = np.any((excess > 0) & (log_p >= 0.0), axis=1) | np.any(np.isinf(req) & (req > 0), axis=1)
     with np.errstate(invalid="ignore"):
-        n = np.maximum(1, np.ceil(req.max(axis=1) * (1.0 - 1e-12))).astype(np.int64)
+        n: np.ndarray = np.maximum(1, np.ceil(req.max(axis=1) * (1.0 - 1e-12))).astype(np.int64)
     n[bad] = 0
     return n
 
@@ -163,7 +163,8 @@ class _LevelSearch:
 
     def __init__(
         self, spectrum: tuple[ScaleGroup, ...], members: tuple[tuple[int, ...], ...], kind: str, rate_rule: str,
-        tol: float, max_degree: int, max_cycle_length: int, cache: dict[tuple[float, float, int], np.ndarray] | None = None,
+        tol: float, max_degree: int, max_cycle_length: int,
+        cache: dict[tuple[float, float, int], np.ndarray] | None = None,
     ) -> None:
         groups = hulls(spectrum, members)
         self.m = len(groups) - 1
@@ -289,13 +290,13 @@ class _LevelSearch:
                 ncand, d_top = self.D[self.m].size, self.D[self.m]
                 for lo in range(0, rows.length.size, _ROWS_PER_BATCH):
                     sub = rows.take(np.arange(lo, min(lo + _ROWS_PER_BATCH, rows.length.size)))
-                    parent = np.repeat(np.arange(sub.length.size), ncand)
+                    row = np.repeat(np.arange(sub.length.size), ncand)
                     top = np.tile(np.arange(ncand), sub.length.size)
                     if best is not None:
-                        keep = d_top[top] * (sub.length[parent] + 1) < best.predicted
-                        parent, top = parent[keep], top[keep]
-                    if parent.size:
-                        consider(self.best_row(self.extend(sub.take(parent), top)))
+                        keep = d_top[top] * (sub.length[row] + 1) < best.predicted
+                        row, top = row[keep], top[keep]
+                    if row.size:
+                        consider(self.best_row(self.extend(sub.take(row), top)))
             else:
                 for r in range(rows.length.size):
                     if best is None or rows.length[r] < best.predicted:
@@ -375,7 +376,7 @@ def _best_over_merges(
     results = []
     cache: dict[tuple[float, float, int], np.ndarray] = {}
     if not merge or n == 1:
-        patterns: Iterable[tuple[tuple[int, ...], ...]] = [unmerged]
+        patterns: Iterable[tuple[tuple[int, ...], ...]] | None = [unmerged]
     elif n - 1 <= _MAX_EXHAUSTIVE_GAPS:
         patterns = _merge_patterns(n)
     else:
