@@ -91,6 +91,16 @@ MAX_CURVE_POINTS = 200
 # Data
 
 
+
+def _finite_median(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def _finite_pstdev(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.pstdev(finite) if finite else math.nan
+
 def load_digits_raw() -> tuple[torch.Tensor, torch.Tensor, str]:
     """Raw digits (pixel values 0..16) from the package's loader."""
     x, y = data.load_digits(standardize=False)
@@ -430,7 +440,8 @@ def bench_problem(name: str, seeds: int, quick: bool, budgets: dict[str, int]) -
             "ok": sum(p["status"] == "ok" for p in rs), "runs": len(rs),
             "statuses": sorted({p["status"] for p in rs}),
             "final_loss": statistics.median([p["final_loss"] for p in rs]),
-            "test_metric": statistics.median(metrics), "test_metric_std": statistics.pstdev(metrics),
+            # A diverged run's metric is not finite: the median and spread are over the finite ones.
+            "test_metric": _finite_median(metrics), "test_metric_std": _finite_pstdev(metrics),
             "grad_evals": statistics.median([p["grad_evals"] for p in rs]),
             "wall_s": statistics.median([p["wall_s"] for p in rs]),
             "hvps": statistics.median([p["hvps"] for p in rs]),
