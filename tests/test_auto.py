@@ -299,6 +299,29 @@ def test_auto_raises_only_for_a_broken_closure():
     assert torch.isfinite(w).all()
 
 
+@pytest.mark.parametrize("returned", [None, "0.5", torch.ones(2), True], ids=["none", "str", "vector", "bool"])
+def test_auto_closure_must_return_a_scalar_loss(returned):
+    eigs = _spectrum()
+    w, w_star, H, op, closure_for = _problem(eigs)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size)
+    good = closure_for(opt)
+
+    def bad():
+        good()  # computes the gradients, then returns what it should not
+        return returned
+
+    opt.step(good)  # measured and planned: the next step only walks the cycle
+    before = w.detach().clone()
+    state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.param_groups[0].items()
+             if k != "params"}
+    with pytest.raises(TypeError, match="the closure must return a scalar loss tensor or float, got"):
+        opt.step(bad)
+    assert torch.equal(w.detach(), before)
+    for k, v in state.items():
+        now = opt.param_groups[0][k]
+        assert (torch.equal(now, v) if isinstance(v, torch.Tensor) else now == v), k
+
+
 def test_auto_bad_input():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)

@@ -60,6 +60,7 @@ fixed batch for the check, or raise ``loss_slack`` above the batch-to-batch spre
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -122,7 +123,16 @@ def _rate(group: ScaleGroup, rule: str) -> float:
 
 
 def _as_float(loss: Any) -> float:
-    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    """The closure's loss as a float: a one-element tensor or a real number, anything else is a broken closure."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise TypeError(
+                f"the closure must return a scalar loss tensor or float, got a tensor of shape {tuple(loss.shape)}"
+            )
+        return float(loss.detach())
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return float(loss)
+    raise TypeError(f"the closure must return a scalar loss tensor or float, got {type(loss).__name__}")
 
 
 def _positive(value: Any, name: str, *, upper: float | None = None) -> float:
