@@ -122,6 +122,18 @@ def _rate(group: ScaleGroup, rule: str) -> float:
     return 1.0 / group.b if rule == "safe" else 2.0 / (group.a + group.b)
 
 
+def _orthonormal_rows(U: torch.Tensor) -> torch.Tensor:
+    """``U`` [r, n] with its rows made orthonormal (float64 QR, each row keeping its direction).
+
+    Ritz vectors of a float32 Lanczos run stopped at a loose tolerance are orthonormal only to ~1e-4, while the
+    subspace step projects as if ``U U^T = I``: the departure would leak the stiff rates into the complement."""
+    Q, R = torch.linalg.qr(U.to(torch.float64).T)  # Q [n, r]
+    signs = torch.sign(torch.diagonal(R))
+    signs[signs == 0] = 1.0
+    rows: torch.Tensor = (Q * signs).T.to(U.dtype).contiguous()
+    return rows
+
+
 def _as_float(loss: Any) -> float:
     """The closure's loss as a float: a one-element tensor or a real number, anything else is a broken closure."""
     if isinstance(loss, torch.Tensor):
@@ -462,7 +474,8 @@ class AutoMrGD(MrGD):
         low = min(groups[-1].a, top_rest)
         base = _rate(ScaleGroup(low, top_rest), rule)
         assert estimate.eigenvectors is not None  # subspace mode measures num_eigs >= 1 Ritz vectors
-        basis = estimate.eigenvectors.to(self.basis_dtype)
+        U = _orthonormal_rows(estimate.eigenvectors)
+        basis = U.to(self.basis_dtype)
         # NOTE: [basis rounding]
         # A basis stored below the precision it was computed in carries a rounding error E (rows of norm
         # up to eps_b: about 2e-3 for bfloat16, 3e-8 for float32). The step's rate along a stiff direction
@@ -471,7 +484,6 @@ class AutoMrGD(MrGD):
         # (NOTE: [basis accuracy] makes the same argument for the Lanczos error). eps_b is measured here,
         # exactly, and every rate is capped at basis_rounding_margin / (lambda_top * eps_b): a basis in
         # bfloat16 buys a rate ratio of at most ~1/eps_b, however far apart the measured groups are.
-        U = estimate.eigenvectors
         eps_b = float((basis.to(U.dtype) - U).norm(dim=1).max()) if basis.dtype != U.dtype else 0.0
         self.basis_rounding_error = eps_b
         if eps_b > 0.0:
