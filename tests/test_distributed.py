@@ -417,7 +417,7 @@ def _auto_rank(rank, world, init_file, out_dir, fail_at):
 
         out = {"error": None}
         try:
-            for _ in range(AUTO_STEPS):
+            for step in range(AUTO_STEPS):  # noqa: B007 - the closure above reads step
                 opt.step(closure)
         except Exception as exc:  # noqa: BLE001 - the test asserts the type
             out["error"] = (type(exc).__name__, str(exc), step)
