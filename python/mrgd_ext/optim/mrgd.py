@@ -205,8 +205,10 @@ def _check_position(pos: Any, n: int, name: str) -> int:
     return check_int(pos, name, 0, n - 1)
 
 
-def _check_subspace_state(sub: Any, params: list[torch.Tensor], name: str) -> None:
-    """The subspace entry of the state (basis, column_rates, base_lr) against the current parameters."""
+def _check_subspace_state(sub: Any, params: list[torch.Tensor], name: str, *, values: bool = True) -> None:
+    """The subspace entry of the state (basis, column_rates, base_lr) against the current parameters (their
+    local shards for DTensors). ``values``: also the basis's orthonormality and the rates' finiteness (passes
+    over the data: on loading, not before every step, where the entry is the one set_subspace checked)."""
     if not isinstance(sub, dict):
         raise TypeError(f"{name} must be a dict, got {type(sub).__name__}")
     for key in ("basis", "column_rates", "base_lr"):
@@ -217,12 +219,15 @@ def _check_subspace_state(sub: Any, params: list[torch.Tensor], name: str) -> No
         raise TypeError(f"{name}['basis'] must be a tensor of shape [r, n_total], got {type(basis).__name__}")
     if not params:
         raise ValueError(f"{name}: the subspace mode needs one param group with parameters")
-    check_basis(basis, sum(p.numel() for p in params), basis.device, name=f"{name}['basis']")
-    check_orthonormal_rows(basis, f"{name}['basis']")
+    check_basis(basis, sum(_dtensor.local(p).numel() for p in params), basis.device, name=f"{name}['basis']")
+    if values:
+        check_orthonormal_rows(basis, f"{name}['basis']")
     rates = sub["column_rates"]
     if not isinstance(rates, torch.Tensor) or rates.dim() != 1 or rates.numel() != basis.shape[0]:
         raise ValueError(f"{name}['column_rates'] must be a 1-D tensor with {basis.shape[0]} entries (one per row)")
-    if not rates.is_floating_point() or not bool(torch.isfinite(rates).all()) or bool((rates <= 0).any()):
+    if not rates.is_floating_point():
+        raise ValueError(f"{name}['column_rates'] must be a floating tensor")
+    if values and (not bool(torch.isfinite(rates).all()) or bool((rates <= 0).any())):
         raise ValueError(f"{name}['column_rates'] must be finite and > 0")
     check_positive_rate(sub["base_lr"], f"{name}['base_lr']")
 
@@ -566,7 +571,8 @@ class MrGD(Optimizer):
             _check_flags_and_kernels(buckets, group["fused"] and not compiling, grad_scale, found_inf)
             prepared.append(buckets)
         if self.subspace_enabled and not compiling:
-            _check_subspace_state(self.state[_SUBSPACE_KEY], self.param_groups[0]["params"], "subspace state")
+            _check_subspace_state(self.state[_SUBSPACE_KEY], self.param_groups[0]["params"], "subspace state",
+                                  values=False)
         return prepared
 
     @torch.no_grad()
