@@ -41,10 +41,11 @@ the secant Rayleigh quotient ``s^T (g_{k+1} - g_k) / s^T s`` of the Hessian alon
 end. Minibatch gradient differences carry noise: pass ``gradient_history=False`` there.
 
 NOTE: [default mode]
-Subspace mode is the default: with the same defaults otherwise, on raw least squares (diabetes) and raw
-logistic regression (breast cancer) it reached lower losses in the same number of gradient evaluations than
-temporal mode, whose large steps are unsafe off the quadratic model and end in back-offs to the safe rate; on the
-small networks neither mode beat the tuned baselines (benchmarks/results/training_cpu.md has the numbers).
+Subspace mode is the default: with the same defaults otherwise it ended lower than temporal mode on five of the
+training suite's six problems in the same number of gradient evaluations (raw diabetes least squares, raw
+digits softmax regression, the three small networks); on raw breast-cancer logistic regression both modes back
+off repeatedly and temporal ended lower. Neither mode beat the tuned baselines on time
+(benchmarks/results/training_cpu.md has the numbers).
 Temporal mode costs fewer HVPs (its Lanczos stops at 1e-2, the basis needs near the dtype's floor).
 
 NOTE: [gradient noise]
@@ -173,7 +174,7 @@ class AutoMrGD(MrGD):
             closure's loss is averaged over the ranks too, so every rank takes the same decisions.
         mode: ``"subspace"`` (default: Ritz vectors + fused subspace step) or ``"temporal"`` (cycle of rates).
             On the training suite (benchmarks/results/training_cpu.md: raw-feature least squares, logistic and
-            softmax regression, small MLPs) subspace mode ended lower than temporal mode (NOTE: [default mode]).
+            softmax regression, small MLPs) subspace mode ended lower than temporal mode on five of six problems (NOTE: [default mode]).
         refresh_every: re-measure after this many steps (temporal: at the next cycle start); the interval
             doubles while refreshes find the same groups, up to ``max_refresh_interval`` steps (default 16
             ``refresh_every``; NOTE: [estimation cost]).
