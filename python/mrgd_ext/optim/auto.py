@@ -174,7 +174,8 @@ class AutoMrGD(MrGD):
             closure's loss is averaged over the ranks too, so every rank takes the same decisions.
         mode: ``"subspace"`` (default: Ritz vectors + fused subspace step) or ``"temporal"`` (cycle of rates).
             On the training suite (benchmarks/results/training_cpu.md: raw-feature least squares, logistic and
-            softmax regression, small MLPs) subspace mode ended lower than temporal mode on five of six problems (NOTE: [default mode]).
+            softmax regression, small MLPs) subspace mode ended lower than temporal mode on five of six problems
+            (NOTE: [default mode]).
         refresh_every: re-measure after this many steps (temporal: at the next cycle start); the interval
             doubles while refreshes find the same groups, up to ``max_refresh_interval`` steps (default 16
             ``refresh_every``; NOTE: [estimation cost]).
