@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -212,7 +213,8 @@ def test_auto_subspace_with_a_bfloat16_basis_caps_its_rates_by_the_measured_roun
 def test_auto_refreshes_on_schedule_with_warm_start():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, mode="subspace", num_eigs=4, density_order=eigs.size, refresh_every=5, check_every=5)
+    opt = AutoMrGD([w], op, mode="subspace", num_eigs=4, density_order=eigs.size, refresh_every=5, check_every=5,
+                   subspace_rates="group")
     closure = closure_for(opt)
     for _ in range(21):
         opt.step(closure)
@@ -696,3 +698,113 @@ def test_defaults_never_raise_or_diverge_on_raw_suite_problems(name, mode):
     with torch.no_grad():
         final = float(loss_fn(model(x), y))
     assert math.isfinite(final) and final < loss0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Subspace mode: the residual cap on the base rate and the accelerated step
+
+
+def _preconditioned_top(opt, H: torch.Tensor) -> float:
+    """Top eigenvalue of P^1/2 H P^1/2 for the optimizer's subspace step x -= P g (dense, float64)."""
+    sub = opt.state["multirate_subspace"]
+    U = sub["basis"].to(torch.float64)
+    n = U.shape[1]
+    scale = opt.param_groups[0]["lr_scale"] * float(opt.param_groups[0]["lr"])
+    P = scale * (U.T @ torch.diag(sub["column_rates"].to(torch.float64)) @ U + sub["base_lr"] * (torch.eye(n, dtype=torch.float64) - U.T @ U))
+    evals, evecs = torch.linalg.eigh(0.5 * (P + P.T))
+    root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    return float(torch.linalg.eigvalsh(root @ H @ root).max())
+
+
+def test_residual_cap_bounds_the_coupling_of_an_unconverged_basis():
+    # A 2 x 2 Hessian whose "Ritz vector" e1 has residual 10 (H e1 - 100 e1 = (0, 10)): without the cap the base
+    # rate 1 / (1.1 * 1) would put the preconditioned top at ~1.8; the cap keeps the coupling at 0.25.
+    est = mrgd_ext.curvature.CurvatureEstimate(
+        groups=[ScaleGroup(100.0, 100.0)], lambda_max=100.0, eigenvalues=torch.tensor([100.0], dtype=torch.float64),
+        eigenvectors=torch.tensor([[1.0, 0.0]], dtype=torch.float64), residuals=torch.tensor([10.0]),
+        density=None, num_hvps=0, seconds=0.0)
+    rates = [1.0 / 110.0]
+    base = AutoMrGD._residual_cap(est, [100.0], rates, 1.0 / 1.1)
+    assert base == pytest.approx(0.25 ** 2 / (10.0 ** 2 / 110.0))
+    H = torch.tensor([[100.0, 10.0], [10.0, 1.0]], dtype=torch.float64)
+    P = torch.diag(torch.tensor([rates[0], base], dtype=torch.float64))
+    top = float(torch.linalg.eigvalsh(P.sqrt() @ H @ P.sqrt()).max())
+    assert top <= 1.0 / 1.1 + 0.25 + 1e-12
+    # A converged pair (residual 0) leaves the base rate alone.
+    est.residuals = torch.tensor([0.0])
+    assert AutoMrGD._residual_cap(est, [100.0], rates, 1.0 / 1.1) == 1.0 / 1.1
+
+
+@pytest.mark.parametrize("lanczos_tol", [0.3, 1e-2, 1e-8])
+def test_subspace_step_is_stable_whatever_the_lanczos_tolerance(lanczos_tol):
+    # NOTE: [basis accuracy]: the preconditioned Hessian's top eigenvalue stays below 4/3 (the bound for
+    # Nesterov momentum near 1) for a loose and a tight basis alike; a loose basis pays in base rate only.
+    eigs = _spectrum()
+    w, w_star, H, op, closure_for = _problem(eigs)
+    opt = AutoMrGD([w], op, num_eigs=6, block_size=2, lanczos_tol=lanczos_tol, refresh_every=10**6)
+    top = _preconditioned_top(opt, H)
+    # 1/1.1 (diagonal blocks) + 0.25 (coupling) + the complement measurement's own error (tolerance 1e-2).
+    assert top <= 1.0 / 1.1 + 0.25 + 0.02
+    assert _run(opt, closure_for(opt), w, w_star, tol=1e-6, max_iter=5000) is not None
+
+
+def test_accelerated_subspace_step_needs_fewer_steps_than_the_plain_one():
+    # The basis takes the top group only; the complement keeps a condition number of 1e-2 / 5e-5 = 200. Plain
+    # steps contract the complement by ~(1 - 1/200) per step; Nesterov's momentum by ~(1 - 1/sqrt(200)).
+    eigs = _spectrum()
+    counts = {}
+    for acceleration in ("nesterov", None):
+        w, w_star, H, op, closure_for = _problem(eigs)
+        opt = AutoMrGD([w], op, num_eigs=4, block_size=2, refresh_every=10**6, acceleration=acceleration)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no back-off on a quadratic
+            counts[acceleration] = _run(opt, closure_for(opt), w, w_star, tol=1e-6, max_iter=20000)
+    assert counts["nesterov"] is not None and counts[None] is not None
+    assert counts["nesterov"] * 4 < counts[None], counts
+
+
+def test_accelerated_step_restarts_when_the_loss_rises():
+    eigs = _spectrum()
+    w, _w_star, _H, op, closure_for = _problem(eigs)
+    opt = AutoMrGD([w], op, num_eigs=4, block_size=2, refresh_every=10**6)
+    closure = closure_for(opt)
+    for _ in range(5):
+        opt.step(closure)
+    auto = opt.state["multirate_auto"]
+    assert auto["momentum_steps"] == 5 and float(opt.state[w]["momentum_buffer"].norm()) > 0
+    closure()
+    opt._accelerated_step(auto["previous_loss"] * 2.0)  # a rise: momentum restarts, this step is a plain one
+    assert auto["momentum_steps"] == 1
+
+
+def test_auto_subspace_state_dict_resumes_the_same_trajectory():
+    # The momentum buffer travels with the per-parameter state, its counter with the AutoMrGD entry.
+    eigs = _spectrum()
+    w, _w_star, _H, op, closure_for = _problem(eigs)
+    kwargs = {"num_eigs": 4, "block_size": 2, "refresh_every": 10**6}
+    opt = AutoMrGD([w], op, **kwargs)
+    closure = closure_for(opt)
+    for _ in range(9):
+        opt.step(closure)
+    state = copy.deepcopy(opt.state_dict())  # as with torch.optim: state_dict() shares the live state
+    saved = w.detach().clone()
+    for _ in range(15):
+        opt.step(closure)
+    expected = w.detach().clone()
+    with torch.no_grad():
+        w.copy_(saved)
+    resumed = AutoMrGD([w], op, **kwargs)
+    resumed.load_state_dict(state)
+    closure2 = closure_for(resumed)
+    for _ in range(15):
+        resumed.step(closure2)
+    assert torch.equal(w.detach(), expected)
+
+
+def test_auto_acceleration_bad_input():
+    eigs = _spectrum()
+    w, _w_star, _H, op, _closure_for = _problem(eigs)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match="acceleration"):
+        AutoMrGD([w], op, acceleration="heavy")
+    assert torch.equal(w.detach(), before)

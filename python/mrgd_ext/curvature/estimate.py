@@ -141,6 +141,7 @@ def estimate_curvature(
     block_size: int = 4,
     lanczos_tol: float = 1e-2,
     max_lanczos_iters: int | None = None,
+    lanczos_verify: bool = True,
     density_probes: int = 2,
     density_order: int = 40,
     min_gap: float = 10.0,
@@ -160,6 +161,8 @@ def estimate_curvature(
         block_size, lanczos_tol, max_lanczos_iters: passed to :func:`mrgd_ext.curvature.lanczos`. The default
             tolerance (1e-2 of ``|H|``) resolves group edges to about that relative accuracy, which is what a
             plan needs: its rates carry a margin on ``lambda_max`` anyway (NOTE: [estimation cost]).
+        lanczos_verify: run Lanczos's verification in the complement of the converged pairs (its ``verify``;
+            a caller that measures that complement itself, as AutoMrGD's subspace mode does, can skip it).
         density_probes, density_order: SLQ probes and Lanczos steps per probe (0 probes: no density; then
             the groups come from the Ritz values alone and the smallest group ends at the smallest of them).
             ``density_order`` is capped at ``n``.
@@ -196,7 +199,7 @@ def estimate_curvature(
         k = min(num_eigs, n)
         result = lanczos(
             op, k, block_size=min(block_size, k), max_iters=max_lanczos_iters, tol=lanczos_tol, seed=seed,
-            start=start,
+            start=start, verify=bool(lanczos_verify),
         )
         hvps += result.num_hvps
         eigenvalues, vectors, residuals = result.eigenvalues, result.eigenvectors, result.residuals

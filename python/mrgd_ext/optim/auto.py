@@ -22,7 +22,8 @@ violation restores the parameters of the last check point (one copy of the param
 :class:`RuntimeWarning`. After ``max_backoffs`` violations in a row the optimizer degrades to the safe schedule:
 one rate ``1 / (lambda_max_margin * lambda_max)`` from the measured ``lambda_max``, which decreases the loss
 of any function whose curvature along the path stays below ``lambda_max_margin * lambda_max`` (gradient
-descent below ``2 / L``); further violations there re-measure ``lambda_max`` and halve that rate. The
+descent below ``2 / L``); further violations there halve that rate (re-measuring ``lambda_max`` only without
+rollback: restored to the check point, it would measure the same value). The
 multirate plan is tried again at the next refresh. :class:`RuntimeError` is raised only for a broken closure:
 a non-finite loss at the restored parameters, or a loss that keeps rising at a rate ``2**-40`` times the safe
 one. Nothing diverges silently.
@@ -41,12 +42,10 @@ the secant Rayleigh quotient ``s^T (g_{k+1} - g_k) / s^T s`` of the Hessian alon
 end. Minibatch gradient differences carry noise: pass ``gradient_history=False`` there.
 
 NOTE: [default mode]
-Subspace mode is the default: with the same defaults otherwise it ended lower than temporal mode on five of the
-training suite's six problems in the same number of gradient evaluations (raw diabetes least squares, raw
-digits softmax regression, the three small networks); on raw breast-cancer logistic regression both modes back
-off repeatedly and temporal ended lower. Neither mode beat the tuned baselines on time
-(benchmarks/results/training_cpu.md has the numbers).
-Temporal mode costs fewer HVPs (its Lanczos stops at 1e-2, the basis needs near the dtype's floor).
+Subspace mode (Ritz rates, restarted Nesterov momentum on the preconditioned step) is the default: on the
+training suite (benchmarks/results/training_cpu.md) it ends lower than temporal mode on five of six problems with
+fewer HVPs (its Lanczos stops at 1e-2 like temporal mode's and it measures no SLQ density); on raw breast-cancer
+logistic regression, whose curvature grows by orders of magnitude along the path, both modes back off repeatedly.
 
 NOTE: [gradient noise]
 With minibatch gradients every step also injects noise, and a large step multiplies the noise that the small
@@ -87,10 +86,15 @@ __all__ = ["AutoMrGD", "MODES"]
 
 #: Values accepted for ``mode=``.
 MODES: tuple[str, ...] = ("temporal", "subspace")
+#: Values accepted for ``acceleration=`` (subspace mode; NOTE: [accelerated subspace step]).
+ACCELERATIONS: tuple[str | None, ...] = ("nesterov", None)
 #: Largest eta * lambda_top * eps_b a subspace step may have, eps_b the basis's rounding error (NOTE: [basis
 #: rounding]). On quadratics with groups 1e4 apart and a bfloat16 basis (three seeds) 1.0 still converged
 #: without a back-off and 2.0 diverged; 0.5 keeps a factor of 4 (tests/test_auto.py).
 BASIS_ROUNDING_MARGIN = 0.5
+#: Largest norm of the coupling between the basis and its complement in the preconditioned Hessian
+#: (NOTE: [basis accuracy]).
+RESIDUAL_COUPLING = 0.25
 _AUTO_KEY = "multirate_auto"
 #: Below this multiple of the safe rate a still-rising loss means a broken closure, not curvature (2**-40).
 _SAFE_SCALE_LIMIT = 2.0 ** -40
@@ -104,6 +108,7 @@ class _MeasureKwargs(TypedDict):
     num_eigs: int
     block_size: int
     lanczos_tol: float
+    lanczos_verify: bool
     density_probes: int
     density_order: int
     min_gap: float
@@ -181,18 +186,23 @@ class AutoMrGD(MrGD):
             ``refresh_every``; NOTE: [estimation cost]).
         gradient_history: temporal mode: watch the secant curvature of the small steps and re-measure early
             when it exceeds the plan's ``lambda_max`` (full-batch closures; NOTE: [estimation cost]).
-        lanczos_tol: residual tolerance of the Lanczos solve (relative to ``|H|``); default 1e-2 in temporal mode
-            and near the dtype's floor in subspace mode (1e-9 for float64, 1e-5 otherwise; NOTE: [basis accuracy]).
+        lanczos_tol: relative residual tolerance of the Lanczos solve (default 1e-2; in subspace mode the
+            measured residuals cap the base rate, so a loose basis costs speed, not stability: NOTE: [basis
+            accuracy]). Subspace mode skips Lanczos's own verification (it measures the complement instead).
         num_eigs, block_size, density_probes, density_order, min_gap, floor, max_groups: what to measure,
-            see :func:`mrgd_ext.curvature.estimate_curvature` (``floor=None``: ten times the unit roundoff of
+            see :func:`mrgd_ext.curvature.estimate_curvature` (``density_probes=None``: 2, or 0 in subspace mode
+            with ``subspace_rates="ritz"``, which needs no density: NOTE: [subspace density]; ``floor=None``: ten times the unit roundoff of
             the operator's dtype, :func:`mrgd_ext.curvature.default_floor`). Subspace mode needs ``num_eigs >= 1``; the
             basis costs ``num_eigs * n`` elements of ``basis_dtype`` (float32, bfloat16 or float64; default
             float64 for float64 parameters, float32 otherwise). A bfloat16 basis halves that memory but its
             rounding error (~2e-3) caps every rate at ``0.5 / (lambda_max * error)`` (NOTE: [basis rounding]),
             so it pays only while the measured groups are less than ~250x apart.
-        subspace_rates: ``"group"`` -- each Ritz vector takes its group's rate (DESIGN 1.4); ``"ritz"`` -- each
-            takes the rate of its own Ritz value (``1/theta`` by the safe rule): a preconditioner on the
-            basis, worth it when the measured spectrum decays without clear gaps.
+        subspace_rates: ``"ritz"`` (default) -- each Ritz vector takes the rate of its own Ritz value
+            (``1 / (lambda_max_margin theta)`` by the safe rule): a preconditioner on the basis;
+            ``"group"`` -- each takes its measured group's rate (docs/design.md 1.4; needs the SLQ density).
+        acceleration: ``"nesterov"`` (default) -- subspace mode adds restarted Nesterov momentum to the
+            preconditioned step (NOTE: [accelerated subspace step]; two more parameter-sized buffers); ``None``
+            -- plain subspace steps. Temporal mode ignores it (its cycle is its acceleration).
         warm_start: start each re-measurement's Lanczos from the previous Ritz vectors.
         tol, strategy, rate_rule, lambda_max_margin: how to plan, see
             :func:`mrgd_ext.curvature.plan_from_estimate`. Defaults are conservative (NOTE: [gradient noise]).
@@ -225,7 +235,7 @@ class AutoMrGD(MrGD):
         num_eigs: int = 8,
         block_size: int = 4,
         lanczos_tol: float | None = None,
-        density_probes: int = 2,
+        density_probes: int | None = None,
         density_order: int = 40,
         min_gap: float = 10.0,
         floor: float | None = None,
@@ -244,7 +254,8 @@ class AutoMrGD(MrGD):
         max_backoffs: int = 2,
         rollback: bool = True,
         basis_dtype: torch.dtype | None = None,
-        subspace_rates: str = "group",
+        subspace_rates: str = "ritz",
+        acceleration: str | None = "nesterov",
         weight_decay: float = 0.0,
         maximize: bool = False,
         seed: int = 0,
@@ -316,12 +327,24 @@ class AutoMrGD(MrGD):
         if subspace_rates not in ("group", "ritz"):
             raise ValueError(f"subspace_rates must be 'group' or 'ritz', got {subspace_rates!r}")
         self.subspace_rates = subspace_rates
+        if acceleration not in ACCELERATIONS:
+            raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
+        self.acceleration = acceleration if mode == "subspace" else None
+        self._direction: list[torch.Tensor] | None = None  # scratch for the accelerated step's -P g
         self.seed = int(seed)
         self._measure_kwargs: _MeasureKwargs = {
             "num_eigs": _count(num_eigs, "num_eigs", 0),
             "block_size": _count(block_size, "block_size", 1),
             "lanczos_tol": self._lanczos_tol(lanczos_tol, mode, params[0].dtype),
-            "density_probes": _count(density_probes, "density_probes", 0),
+            # Subspace mode checks the complement of its basis itself (NOTE: [complement curvature]), so
+            # Lanczos's own verification would measure the same thing twice.
+            "lanczos_verify": mode == "temporal",
+            # NOTE: [subspace density]
+            # The SLQ density gives the shape of the spectrum below the Ritz values: temporal mode plans its
+            # cycle on it, and subspace mode needs it only for group rates; with rates per Ritz value the
+            # complement's top (measured directly) is all the base rate needs.
+            "density_probes": (_count(density_probes, "density_probes", 0) if density_probes is not None
+                               else 0 if mode == "subspace" and subspace_rates == "ritz" else 2),
             "density_order": _count(density_order, "density_order", 1),
             "min_gap": min_gap,
             "floor": floor,
@@ -356,16 +379,12 @@ class AutoMrGD(MrGD):
 
     @staticmethod
     def _lanczos_tol(tol: float | None, mode: str, dtype: torch.dtype) -> float:
-        # NOTE: [basis accuracy]
-        # In subspace mode a Ritz vector off by epsilon leaves an epsilon-part of its stiff direction
-        # (eigenvalue lambda_1) in the complement, which takes the large base rate eta: the step is stable
-        # only while eta * lambda_1 * epsilon stays below about 1, i.e. epsilon below the measured scale
-        # ratio. So the basis is resolved to near the dtype's floor; rates alone need only 1e-3.
+        # Group edges (temporal mode) and Ritz rates (subspace mode) are needed to about 1e-2 of each value:
+        # the rates carry a margin, and in subspace mode the base rate is capped by the pairs' measured
+        # residuals (NOTE: [basis accuracy]), so a looser basis costs speed, never stability.
         if tol is not None:
             return _positive(tol, "lanczos_tol")
-        if mode == "temporal":
-            return 1e-2
-        return 1e-9 if dtype == torch.float64 else 1e-5
+        return 1e-2
 
     @property
     def estimation_hvps(self) -> int:
@@ -463,8 +482,8 @@ class AutoMrGD(MrGD):
         for t in thetas:
             g = next((g for g in groups if t >= g.a), groups[-1])
             if self.subspace_rates == "ritz" and t > 0:
-                # Its own Ritz value as a one-point group (top one widened like lambda_max).
-                g = ScaleGroup(t, t * (self.lambda_max_margin if t >= groups[0].a else 1.0))
+                # Its own Ritz value as a one-point group, widened by the margin like lambda_max.
+                g = ScaleGroup(t, t * self.lambda_max_margin)
             rates.append(_rate(g, rule))
         # Curvature below floor * lambda_max forms no group (estimate_curvature), so no rate beyond
         # 1 / (floor * lambda_max) is aimed at it, here either.
@@ -492,9 +511,34 @@ class AutoMrGD(MrGD):
             cap = self.basis_rounding_margin / (groups[0].b * eps_b)
             base = min(base, cap)
             rates = [min(r, cap) for r in rates]
+        base = self._residual_cap(estimate, thetas, rates, base)
         # Ritz values at or below zero (negative curvature) get the base rate: no rate is aimed at them.
         rates = [r if t > 0 else base for r, t in zip(rates, thetas)]
         return basis, rates, base
+
+    @staticmethod
+    def _residual_cap(estimate: CurvatureEstimate, thetas: list[float], rates: list[float], base: float) -> float:
+        # NOTE: [basis accuracy]
+        # The subspace step x -= P g is gradient descent in the metric of P = U^T D U + base (I - U^T U)
+        # (D: the Ritz rates); it is stable while the preconditioned Hessian P^1/2 H P^1/2 has its top
+        # eigenvalue below 2 (4/3 with momentum near 1). In the basis [U; W] (W: the complement) its diagonal
+        # blocks are D Theta (Ritz pairs: u_i^T H u_j = theta_i delta_ij) and base W H W^T, both at most
+        # 1/lambda_max_margin by construction; its off-diagonal block is base^1/2 R D^1/2, R the residuals
+        # H u_i - theta_i u_i (orthogonal to U), of 2-norm at most sqrt(base * sum_i rate_i |r_i|^2). Capping
+        # base so that this coupling stays below RESIDUAL_COUPLING = 0.25 keeps the top eigenvalue below
+        # 1/1.1 + 0.25 < 4/3 whatever the Lanczos tolerance was: an unconverged pair costs base rate, never
+        # stability. (Ritz values <= 0 take the base rate themselves: their terms are base * |r_i|^2.)
+        r2 = [float(r) ** 2 for r in estimate.residuals]
+        if len(r2) != len(thetas):
+            return base
+        s_pos = sum(rate * r for rate, r, t in zip(rates, r2, thetas) if t > 0)
+        s_neg = sum(r for r, t in zip(r2, thetas) if t <= 0)
+        c2 = RESIDUAL_COUPLING ** 2
+        if s_pos * base + s_neg * base * base <= c2:
+            return base
+        if s_neg == 0.0:
+            return c2 / s_pos
+        return (-s_pos + math.sqrt(s_pos * s_pos + 4.0 * s_neg * c2)) / (2.0 * s_neg)
 
     def _install(self, estimate: CurvatureEstimate, plan: MultiratePlan) -> None:
         group = self.param_groups[0]
@@ -505,8 +549,67 @@ class AutoMrGD(MrGD):
             self.set_subspace(basis, rates, base)
         elif self.subspace_enabled:
             self.clear_subspace()
+        self._reset_momentum()
         peak = plan.peak_amplification if self.mode == "temporal" or self._safe_plan else 1.0
         self._growth_bound = self.max_loss_growth or min(10.0 * peak * peak, 1e30)
+
+    # ----------------------------------------------------------------------------------------------
+    # The accelerated subspace step
+
+    def _reset_momentum(self) -> None:
+        """Forget the momentum (a new basis or rates, a rollback, a rise of the loss)."""
+        auto = self.state.get(_AUTO_KEY)
+        if auto is not None:
+            auto["momentum_steps"] = 0
+            auto["previous_loss"] = None
+        for p in self.param_groups[0]["params"] if self.param_groups else ():
+            buf = self.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                buf.zero_()
+
+    def _momentum_active(self) -> bool:
+        return bool(self.acceleration is not None and self.subspace_enabled and not self._safe_plan
+                    and self.state[_AUTO_KEY].get("momentum_steps", 0) > 1)
+
+    def _accelerated_step(self, loss: float) -> None:
+        # NOTE: [accelerated subspace step]
+        # The subspace step x -= P g (P: each Ritz vector's rate on its direction, the base rate 1/top on the
+        # complement) is gradient descent in the metric of P, where the preconditioned Hessian P^1/2 H P^1/2 has
+        # its eigenvalues in (0, ~1]: the stiff groups are resolved, but the complement keeps its own condition
+        # number top / lambda_min, and plain steps need ~that many iterations. Nesterov's momentum
+        # (Sutskever's form, as torch.optim.SGD(nesterov=True)) needs ~its square root:
+        #     v <- mu_k v + P g,   x <- x - P g - mu_k v,   mu_k = k / (k + 3),
+        # with the function restart of O'Donoghue and Candes (2015): k and v return to 0 whenever the loss
+        # rises, which keeps the accelerated rate without knowing lambda_min and stops momentum from carrying
+        # the iterate uphill on nonconvex losses. On a Ritz direction with P H = 1 the look-ahead gradient step
+        # is exact, so momentum costs the resolved groups nothing. Two extra vectors of the parameters' size
+        # (the momentum and the step); measured on benchmarks/bench_training.py.
+        auto = self.state[_AUTO_KEY]
+        group = self.param_groups[0]
+        params = group["params"]
+        if all(p.grad is None for p in params):
+            return
+        previous = auto.get("previous_loss")
+        if previous is not None and loss > previous:
+            self._reset_momentum()
+        k = auto.get("momentum_steps", 0)
+        mu = k / (k + 3.0)
+        auto["momentum_steps"] = k + 1
+        auto["previous_loss"] = loss
+        if self._direction is None or any(d.shape != p.shape for d, p in zip(self._direction, params)):
+            self._direction = [torch.empty_like(p) for p in params]
+        bufs = []
+        for p in params:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(st["momentum_buffer"])
+        with torch.no_grad():
+            self._subspace_step(None, out=self._direction)  # direction = -P g
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_sub_(bufs, self._direction)  # v = mu v + P g
+            torch._foreach_add_(params, self._direction)
+            torch._foreach_add_(params, bufs, alpha=-mu)  # x = x - P g - mu v
 
     # ----------------------------------------------------------------------------------------------
     # Stepping with the safety checks
@@ -548,6 +651,7 @@ class AutoMrGD(MrGD):
                     p.copy_(s)
         auto["interval"] = self.refresh_every
         self._history = None
+        self._reset_momentum()
         if self._safe_plan:
             # Already on the safe schedule: its rate came from a lambda_max that no longer holds; halve it.
             if group["lr_scale"] < _SAFE_SCALE_LIMIT:
@@ -559,6 +663,19 @@ class AutoMrGD(MrGD):
                 )
             group["lr_scale"] *= self.backoff
             what = f"safe rate 1/lambda_max x {group['lr_scale']:.3g}"
+            if self.rollback:
+                # Restored to the check point its lambda_max was measured at: measuring again would return
+                # the same value, so the halving is all that changes (no HVPs spent).
+                self.events.append({
+                    "step": auto["step"], "kind": "backoff", "reason": reason, "num_hvps": 0, "seconds": 0.0,
+                    "groups": [[g.a, g.b] for g in self.estimate.groups] if self.estimate is not None else [],
+                    "lambda_max": self.estimate.lambda_max if self.estimate is not None else float("nan"),
+                    "cycle_length": 1, "rates": list(group["cycle"]), "density_reused": True,
+                })
+                warnings.warn(f"AutoMrGD: {reason} at step {auto['step']}; parameters restored to the last check "
+                              f"point, {what}", RuntimeWarning, stacklevel=3)
+                with torch.enable_grad():
+                    return closure()
         elif auto["backoffs"] > self.max_backoffs:
             self._safe_plan = True
             auto["normal_lr_scale"] = group["lr_scale"]
@@ -638,6 +755,13 @@ class AutoMrGD(MrGD):
             loss = closure()
         check_point = self._at_check_point()
         reason = self._violation(_as_float(loss), check_point)
+        if reason is not None and check_point and self._momentum_active() and self._violation(
+                _as_float(loss), False) is None:
+            # A rise at a check point while momentum is on may be momentum's own overshoot, which the restart
+            # removes (NOTE: [accelerated subspace step]): restart, and judge the loss after one plain step
+            # (since_check stays past check_every, so the next step is a check point again).
+            self._reset_momentum()
+            reason, check_point = None, False
         if reason is not None:
             loss = self._back_off(reason, closure)
             check_point = True
@@ -663,7 +787,10 @@ class AutoMrGD(MrGD):
             auto["since_check"] = 0
         if self.gradient_history:
             self._watch_history()
-        super().step()
+        if self.acceleration is not None and self.subspace_enabled and not self._safe_plan:
+            self._accelerated_step(_as_float(loss))
+        else:
+            super().step()
         auto["step"] += 1
         auto["since_check"] += 1
         return loss

@@ -657,7 +657,10 @@ class MrGD(Optimizer):
             last.copy_(rate.reshape(1) if keep is None else torch.where(keep, rate, last))
             group["cycle_position"].copy_((pos + advance) % n)
 
-    def _subspace_step(self, grad_scale: torch.Tensor | None) -> None:
+    def _subspace_step(self, grad_scale: torch.Tensor | None, out: list[torch.Tensor] | None = None) -> None:
+        """One subspace step ``p -= P g`` (docs/design.md 1.4), or with ``out`` (tensors shaped like the
+        parameters): the step ``-P g`` written into ``out`` and the parameters left as they are (AutoMrGD's
+        accelerated form adds momentum to it). Weight decay is part of ``g`` either way."""
         group = self.param_groups[0]
         sub = self.state[_SUBSPACE_KEY]
         params = group["params"]
@@ -673,6 +676,15 @@ class MrGD(Optimizer):
         base_lr = scale * sub["base_lr"]
         use_fused = group["fused"] if group["fused"] is not None else _fused_supported(params)
         wd, maximize = group["weight_decay"], group["maximize"]
+        target = params
+        if out is not None:
+            # The kernels read the decay term from the tensors they update: fold it into g first, so the
+            # direction is computed for g + wd p while out (not the parameters) is written.
+            if wd != 0.0:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+                wd = 0.0
+            target = [_dtensor.local(t) for t in out]
+            torch._foreach_zero_(target)
         kwargs = {"weight_decay": wd, "maximize": maximize}
         if use_fused:  # checked in step(); the raw ops skip the wrappers' per-tensor Python checks
             c = torch.ops.mrgd_ext.subspace_project(params, grads, basis, wd, maximize, grad_scale)
@@ -682,9 +694,9 @@ class MrGD(Optimizer):
             torch.distributed.all_reduce(c, group=self._process_group)
         coeffs = (scale * sub["column_rates"].to(c.dtype) - base_lr) * c
         if use_fused:
-            torch.ops.mrgd_ext.subspace_step_(params, grads, basis, coeffs, base_lr, wd, maximize, grad_scale, None)
+            torch.ops.mrgd_ext.subspace_step_(target, grads, basis, coeffs, base_lr, wd, maximize, grad_scale, None)
         else:
-            _reference.subspace_step(params, grads, basis, coeffs, base_lr, grad_scale=grad_scale, **kwargs)
+            _reference.subspace_step(target, grads, basis, coeffs, base_lr, grad_scale=grad_scale, **kwargs)
         group["last_rate"].fill_(base_lr)
 
 
