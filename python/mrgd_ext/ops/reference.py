@@ -94,7 +94,7 @@ def subspace_step(
     grads: Sequence[torch.Tensor],
     basis: torch.Tensor,
     coeffs: torch.Tensor,
-    lr: float,
+    lr: float | torch.Tensor,
     *,
     weight_decay: float = 0.0,
     maximize: bool = False,
@@ -103,7 +103,7 @@ def subspace_step(
     compute_dtype: torch.dtype | None = None,
 ) -> None:
     """In place: ``p <- p - lr * geff - U^T coeffs`` (element i of the flat parameters gets
-    ``sum_k basis[k, i] * coeffs[k]``)."""
+    ``sum_k basis[k, i] * coeffs[k]``). ``lr`` a float or a 0-d tensor (a compiled step's rate)."""
     if _skipped(found_inf) or len(params) == 0:
         return
     dtype = _compute_dtype(params[0].dtype, compute_dtype)

@@ -327,7 +327,8 @@ class MrGD(Optimizer):
 
     Under ``torch.compile`` the step traces without graph breaks and does not recompile from step to step:
     the position and the rate are tensors (NOTE: [tensor rate]), and the update runs as multi-tensor ops that
-    the compiler fuses.
+    the compiler fuses. The subspace step compiles likewise (NOTE: [compiled subspace step]); a new
+    ``base_lr`` from :meth:`set_subspace` compiles once more (it is a Python float, as the cycle's rates are).
 
     Subspace mode: :meth:`set_subspace` switches to the spatial form, :meth:`clear_subspace` back.
     """
@@ -635,9 +636,7 @@ class MrGD(Optimizer):
         # multi-tensor ops, which the compiler fuses. A GradScaler's skip is a tensor select, not a branch.
         keep = None if found_inf is None else (found_inf.reshape(()) == 0)
         if self.subspace_enabled:
-            # The subspace step reads the skip flag on the host (a graph break with a GradScaler only).
-            if found_inf is None or found_inf.item() == 0:
-                self._subspace_step(grad_scale)
+            self._subspace_step(grad_scale, keep)
             return
         for group, buckets in zip(self.param_groups, prepared):
             n = len(group["cycle"])
@@ -657,10 +656,14 @@ class MrGD(Optimizer):
             last.copy_(rate.reshape(1) if keep is None else torch.where(keep, rate, last))
             group["cycle_position"].copy_((pos + advance) % n)
 
-    def _subspace_step(self, grad_scale: torch.Tensor | None, out: list[torch.Tensor] | None = None) -> None:
-        """One subspace step ``p -= P g`` (docs/design.md 1.4), or with ``out`` (tensors shaped like the
-        parameters): the step ``-P g`` written into ``out`` and the parameters left as they are (AutoMrGD's
-        accelerated form adds momentum to it). Weight decay is part of ``g`` either way."""
+    def _subspace_step(
+        self, grad_scale: torch.Tensor | None, keep: torch.Tensor | None = None,
+        out: list[torch.Tensor] | None = None,
+    ) -> None:
+        """One subspace step ``p -= P g`` (docs/design.md 1.4). ``keep``: in a compiled step with a GradScaler,
+        the device flag "no overflow" (NOTE: [compiled subspace step]). ``out`` (tensors shaped like the
+        parameters): the step ``-P g`` is written into ``out`` and the parameters are left as they are
+        (AutoMrGD's accelerated form adds momentum to it); weight decay is part of ``g`` either way."""
         group = self.param_groups[0]
         sub = self.state[_SUBSPACE_KEY]
         params = group["params"]
@@ -671,9 +674,22 @@ class MrGD(Optimizer):
         params, grads = _dtensor.local_pairs(params, grads)
         basis = sub["basis"]
         check_basis(basis, sum(p.numel() for p in params), params[0].device)
+        # NOTE: [compiled subspace step]
+        # As in the temporal step (NOTE: [tensor rate]), a compiled step must neither read a tensor on the
+        # host (a graph break) nor bake a scheduler's value in (a recompile per value). So when compiling, a
+        # tensor ``lr`` stays a tensor and a GradScaler's skip is a select: an overflowed gradient is zeroed
+        # and the rates taken are 0. The fused update kernel takes its rate as a float; with a tensor rate
+        # the update runs as the torch composition (the projection kernel takes no rate and stays fused).
         lr = group["lr"]
-        scale = group["lr_scale"] * (lr.item() if isinstance(lr, torch.Tensor) else float(lr))
-        base_lr = scale * sub["base_lr"]
+        if isinstance(lr, torch.Tensor) and not torch.compiler.is_compiling():
+            lr = lr.item()
+        scale = group["lr_scale"] * lr
+        rate = scale * sub["base_lr"]  # of the complement of the basis span
+        base_lr = rate
+        if keep is not None:
+            grads = [torch.where(keep.to(g.device), g, torch.zeros_like(g)) for g in grads]
+            base_lr = torch.where(keep, torch.as_tensor(rate, dtype=torch.float64), 0.0)
+            scale = torch.where(keep, torch.as_tensor(scale, dtype=torch.float64), 0.0)
         use_fused = group["fused"] if group["fused"] is not None else _fused_supported(params)
         wd, maximize = group["weight_decay"], group["maximize"]
         target = params
@@ -693,11 +709,16 @@ class MrGD(Optimizer):
         if getattr(self, "_process_group", None) is not None:
             torch.distributed.all_reduce(c, group=self._process_group)
         coeffs = (scale * sub["column_rates"].to(c.dtype) - base_lr) * c
-        if use_fused:
+        if use_fused and not isinstance(base_lr, torch.Tensor):
             torch.ops.mrgd_ext.subspace_step_(target, grads, basis, coeffs, base_lr, wd, maximize, grad_scale, None)
         else:
             _reference.subspace_step(target, grads, basis, coeffs, base_lr, grad_scale=grad_scale, **kwargs)
-        group["last_rate"].fill_(base_lr)
+        last = group["last_rate"]
+        if isinstance(rate, torch.Tensor) or keep is not None:
+            rate = torch.as_tensor(rate, dtype=torch.float64).reshape(1)
+            last.copy_(rate if keep is None else torch.where(keep, rate, last))
+        else:
+            last.fill_(rate)
 
 
 class MultirateLR(LRScheduler):
