@@ -22,7 +22,8 @@ optimizer steps. Methods:
   cost (gradient evaluations and seconds of all its runs) is reported beside the tuned method;
 * ``lbfgs``: ``torch.optim.LBFGS(lr=1, history_size=20, line_search_fn="strong_wolfe")``, one iteration per
   ``step``, budgeted in gradient evaluations like the others;
-* ``auto_temporal`` / ``auto_subspace``: ``mrgd_ext.AutoMrGD`` with default arguments except ``mode``, with a
+* ``auto_temporal`` / ``auto_subspace`` / ``auto_subspace_plain``: ``mrgd_ext.AutoMrGD`` with default arguments
+  except ``mode`` (and ``acceleration=None`` for the plain subspace step, to measure what momentum adds), with a
   ``HessianOperator`` of the full-batch training loss. Never tuned per problem.
 
 Counted per run: gradient evaluations (closure calls), Hessian-vector products and seconds of AutoMrGD's
@@ -69,8 +70,14 @@ from mrgd_ext.experiments import data
 
 PROBLEMS = ("ls_diabetes", "logreg_cancer", "softmax_digits", "mlp_diabetes", "mlp_wine", "mlp_multiscale")
 CONVEX = ("ls_diabetes", "logreg_cancer", "softmax_digits")
-METHODS = ("gd", "heavy_ball", "adam", "lbfgs", "auto_temporal", "auto_subspace")
-AUTO_METHODS = ("auto_temporal", "auto_subspace")
+METHODS = ("gd", "heavy_ball", "adam", "lbfgs", "auto_temporal", "auto_subspace", "auto_subspace_plain")
+AUTO_METHODS = ("auto_temporal", "auto_subspace", "auto_subspace_plain")
+#: AutoMrGD's arguments per method: defaults except these (never tuned per problem).
+AUTO_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "auto_temporal": {"mode": "temporal"},
+    "auto_subspace": {"mode": "subspace"},
+    "auto_subspace_plain": {"mode": "subspace", "acceleration": None},
+}
 TUNED = ("gd", "heavy_ball", "adam")
 TOP_KEYS = ("machine", "torch_version", "date", "settings", "problems", "checks", "runtime_s")
 RUN_KEYS = ("method", "setting", "seed", "status", "reason", "grad_evals", "hvps", "estimation_s", "wall_s",
@@ -313,7 +320,7 @@ def build_optimizer(method: str, lr: float | None, params: list[torch.Tensor], p
     if method == "lbfgs":
         return torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
     op = mrgd_ext.HessianOperator.from_closure(lambda pl: prob.loss_of(model, pl), params)
-    return mrgd_ext.AutoMrGD(params, op, mode=method.split("_", 1)[1])
+    return mrgd_ext.AutoMrGD(params, op, **AUTO_ARGUMENTS[method])
 
 
 def run_one(prob: Problem, method: str, lr: float | None, seed: int, budget: int) -> Run:
