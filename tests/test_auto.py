@@ -249,10 +249,13 @@ def test_auto_backs_off_instead_of_diverging():
                    refresh_every=10**6)
     closure = closure_for(opt)
     loss0 = float(closure().detach())
-    with pytest.warns(RuntimeWarning, match="re-measured"):
+    with pytest.warns(RuntimeWarning, match="lr_scale now"):
         for _ in range(400):
             opt.step(closure)
     assert any(e["kind"] == "backoff" for e in opt.events)
+    # Rolled back to the start, where the curvature was measured: the back-off keeps that estimate.
+    first = next(e for e in opt.events if e["kind"] == "backoff")
+    assert first["num_hvps"] == 0
     assert opt.param_groups[0]["lr_scale"] < 40.0
     assert torch.isfinite(w).all()
     assert float(closure().detach()) < loss0
@@ -808,3 +811,26 @@ def test_auto_acceleration_bad_input():
     with pytest.raises(ValueError, match="acceleration"):
         AutoMrGD([w], op, acceleration="heavy")
     assert torch.equal(w.detach(), before)
+
+
+def test_secant_back_off_shrinks_by_the_curvature_along_the_rejected_step():
+    # NOTE: [secant back-off]: on a quadratic, one step x0 -> x0 + d with slope s = g0^T d and losses f0, f1
+    # gives the exact minimiser t* = -s / (2 (f1 - f0 - s)) = -g0^T d / d^T H d along d; a step 1e3 times too
+    # large is cut to it in one back-off instead of ten halvings.
+    eigs = _spectrum()
+    w, w_star, H, op, closure_for = _problem(eigs)
+    opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, lr_scale=1e3, max_backoffs=5,
+                   refresh_every=10**6)
+    closure = closure_for(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        opt.step(closure)  # check point at the start, then the first (far too large) step
+        x0 = opt._snapshot[0].clone()
+        g0 = H @ (x0 - w_star)
+        d = w.detach() - x0
+        t_star = float(-(g0 @ d) / (d @ (H @ d)))
+        opt.step(closure)  # the loss grew beyond the bound one step after the check point: back-off
+    assert opt.events[-1]["kind"] == "backoff" and not opt._safe_plan
+    assert 0 < t_star < opt.backoff
+    assert opt.param_groups[0]["lr_scale"] == pytest.approx(1e3 * t_star, rel=1e-9)
+    assert torch.equal(opt._snapshot[0], x0)  # rolled back to the check point

@@ -18,12 +18,14 @@ the plan's predicted peak amplification: a quadratic's loss grows with the squar
 cycle the plan itself lets the error grow by that much). In temporal mode the check points are the cycle ends:
 inside a cycle the loss may rise by what the plan predicts, and only a cycle as a whole has to decrease it. A
 violation restores the parameters of the last check point (one copy of the parameters is kept), backs the rates off
-(``lr_scale *= backoff``, rate rule ``"safe"``), re-measures the curvature there and goes on, with a
+(``lr_scale *= backoff`` or the secant factor, rate rule ``"safe"``), re-measures the curvature there and goes on, with a
 :class:`RuntimeWarning`. After ``max_backoffs`` violations in a row the optimizer degrades to the safe schedule:
 one rate ``1 / (lambda_max_margin * lambda_max)`` from the measured ``lambda_max``, which decreases the loss
 of any function whose curvature along the path stays below ``lambda_max_margin * lambda_max`` (gradient
-descent below ``2 / L``); further violations there halve that rate (re-measuring ``lambda_max`` only without
-rollback: restored to the check point, it would measure the same value). The
+descent below ``2 / L``); further violations there shrink that rate (by ``backoff``, or by the secant factor when
+the violation came one step after the check point: NOTE: [secant back-off]), and each step that passes its check
+doubles it again, up to the safe rate. A back-off rolled back to the point the current estimate was measured at
+keeps that estimate (measuring again would return the same groups). The
 multirate plan is tried again at the next refresh. :class:`RuntimeError` is raised only for a broken closure:
 a non-finite loss at the restored parameters, or a loss that keeps rising at a rate ``2**-40`` times the safe
 one. Nothing diverges silently.
@@ -357,6 +359,7 @@ class AutoMrGD(MrGD):
         self._snapshot: list[torch.Tensor] | None = None
         self._complement_top: float | None = None
         self._safe_plan = False  # True while the safe single-rate schedule runs (NOTE: [safety])
+        self._estimate_is_current = False  # the estimate was measured at the current parameters
         self._history: tuple[torch.Tensor, torch.Tensor] | None = None  # (params, grad) before a small step
         self.history_max_curvature = 0.0  # largest secant curvature of small steps since the last measurement
         self.basis_rounding_error = 0.0
@@ -407,6 +410,7 @@ class AutoMrGD(MrGD):
             **self._measure_kwargs
         )
         self.history_max_curvature = 0.0
+        self._estimate_is_current = True
         plan = self._plan(estimate)
         extra_hvps = 0
         if self.mode == "subspace":
@@ -640,11 +644,41 @@ class AutoMrGD(MrGD):
             return f"the loss grew from {ref:.6g} to {loss:.6g}, beyond {self._growth_bound:.3g}x"
         return None
 
-    def _back_off(self, reason: str, closure: Callable[[], Any]) -> Any:
+    def _slope_from_snapshot(self) -> float | None:
+        """g0^T d of the step just taken from the check point (g0: its gradient; NOTE: [secant back-off])."""
+        if not self.rollback or self._snapshot is None:
+            return None
+        with torch.no_grad():
+            slope = sum(float(torch.sum((p.detach() - s) * p.grad)) for p, s in zip(self.param_groups[0]["params"],
+                                                                              self._snapshot) if p.grad is not None)
+        return float(slope)
+
+    def _secant_factor(self, loss: float) -> float:
+        """How much to shrink the rates after a violation (NOTE: [secant back-off])."""
+        # NOTE: [secant back-off]
+        # When the violation comes one step after the check point x0, that step d = x1 - x0 and the two losses
+        # give the curvature along it: on the model f(x0 + t d) = f0 + t s + t^2 C / 2 (s = g0^T d, recorded
+        # at the step) the value f1 at t = 1 fixes C = 2 (f1 - f0 - s), exact on a quadratic, and the model's
+        # minimiser t* = -s / C is the factor the step should have had. Shrinking by min(backoff, t*) instead of
+        # halving alone saves the ~log2(1/t*) rejected steps of repeated halvings when the curvature along the
+        # path is orders of magnitude above the measured one (raw-feature logistic regression leaving its
+        # saturated start, say).
+        auto = self.state[_AUTO_KEY]
+        slope, f0 = auto.get("probe_slope"), auto.get("ref_loss")
+        if (not self.rollback or self._snapshot is None or auto["since_check"] != 1 or slope is None or f0 is None
+                or not slope < 0.0 or not math.isfinite(loss)):
+            return self.backoff
+        curvature = 2.0 * (loss - f0 - slope)
+        if not curvature > 0.0:
+            return self.backoff
+        return min(self.backoff, max(-slope / curvature, _SAFE_SCALE_LIMIT))
+
+    def _back_off(self, reason: str, closure: Callable[[], Any], loss: float) -> Any:
         auto = self.state[_AUTO_KEY]
         auto["backoffs"] += 1
         group = self.param_groups[0]
         params = group["params"]
+        factor = self._secant_factor(loss)
         if self.rollback and self._snapshot is not None:
             with torch.no_grad():
                 for p, s in zip(params, self._snapshot):
@@ -661,21 +695,8 @@ class AutoMrGD(MrGD):
                     f"1/lambda_max{restored}: the closure's loss does not decrease along its own gradient (is the "
                     "closure computing the loss and its gradient at the current parameters?)"
                 )
-            group["lr_scale"] *= self.backoff
+            group["lr_scale"] *= factor
             what = f"safe rate 1/lambda_max x {group['lr_scale']:.3g}"
-            if self.rollback:
-                # Restored to the check point its lambda_max was measured at: measuring again would return
-                # the same value, so the halving is all that changes (no HVPs spent).
-                self.events.append({
-                    "step": auto["step"], "kind": "backoff", "reason": reason, "num_hvps": 0, "seconds": 0.0,
-                    "groups": [[g.a, g.b] for g in self.estimate.groups] if self.estimate is not None else [],
-                    "lambda_max": self.estimate.lambda_max if self.estimate is not None else float("nan"),
-                    "cycle_length": 1, "rates": list(group["cycle"]), "density_reused": True,
-                })
-                warnings.warn(f"AutoMrGD: {reason} at step {auto['step']}; parameters restored to the last check "
-                              f"point, {what}", RuntimeWarning, stacklevel=3)
-                with torch.enable_grad():
-                    return closure()
         elif auto["backoffs"] > self.max_backoffs:
             self._safe_plan = True
             auto["normal_lr_scale"] = group["lr_scale"]
@@ -685,18 +706,32 @@ class AutoMrGD(MrGD):
             auto["interval"] = min(self.refresh_every * 2 ** (auto["safe_entries"] - 1), self.max_refresh_interval)
             what = "safe rate 1/lambda_max until the next refresh"
         else:
-            group["lr_scale"] *= self.backoff
+            group["lr_scale"] *= factor
             self._plan_kwargs["rate_rule"] = "safe"
             if self._plan_kwargs["strategy"] != "nested":
                 self._plan_kwargs["strategy"] = "nested"  # the safe rule is a single-rate (nested) rule
             what = f"lr_scale now {group['lr_scale']:.3g} with safe rates"
-        estimate, plan = self._measure(params, step=auto["step"], reason=reason)
+        if self.rollback and self._snapshot is not None and auto.get("estimate_at_snapshot") and self.estimate is not None:
+            # Restored to the point the current estimate was measured at: measuring again would return the
+            # same groups, so only the plan changes (no HVPs spent).
+            estimate, plan = self.estimate, self._plan(self.estimate)
+            self.events.append({
+                "step": auto["step"], "kind": "backoff", "reason": reason, "num_hvps": 0, "seconds": 0.0,
+                "groups": [[g.a, g.b] for g in estimate.groups], "lambda_max": estimate.lambda_max,
+                "cycle_length": plan.cycle_length, "rates": list(plan.rates), "density_reused": True,
+            })
+            self.plan = plan
+            measured = "curvature kept (measured at that point)"
+        else:
+            estimate, plan = self._measure(params, step=auto["step"], reason=reason)
+            auto["last_estimate"] = auto["step"]
+            measured = "curvature re-measured"
         self._install(estimate, plan)
-        auto["last_estimate"] = auto["step"]
+        self._estimate_is_current = True
         warnings.warn(
             f"AutoMrGD: {reason} at step {auto['step']}; "
             + ("parameters restored to the last check point, " if self.rollback else "")
-            + f"curvature re-measured, {what}",
+            + f"{measured}, {what}",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -763,18 +798,24 @@ class AutoMrGD(MrGD):
             self._reset_momentum()
             reason, check_point = None, False
         if reason is not None:
-            loss = self._back_off(reason, closure)
+            loss = self._back_off(reason, closure, _as_float(loss))
             check_point = True
             if not math.isfinite(_as_float(loss)):
                 raise RuntimeError(f"AutoMrGD: the loss is {_as_float(loss)} at the restored parameters")
         elif check_point and auto["ref_loss"] is not None:
             auto["backoffs"] = 0
+            group = self.param_groups[0]
+            if self._safe_plan and group["lr_scale"] < 1.0:
+                # The safe schedule checks every step, so a halving that proved too much is undone step by step
+                # (a failed doubling costs one step), never beyond the safe rate itself (NOTE: [safety]).
+                group["lr_scale"] = min(1.0, 2.0 * group["lr_scale"])
         if check_point:
             due = auto["step"] - auto["last_estimate"] >= auto["interval"] or auto["remeasure"]
             if reason is None and due:
                 self._refresh(self.param_groups[0]["params"])
             if self.rollback:
                 params = self.param_groups[0]["params"]
+                auto["estimate_at_snapshot"] = self._estimate_is_current
                 if self._snapshot is None:
                     self._snapshot = [p.detach().clone() for p in params]
                 else:
@@ -791,6 +832,9 @@ class AutoMrGD(MrGD):
             self._accelerated_step(_as_float(loss))
         else:
             super().step()
+        self._estimate_is_current = False
+        if check_point:
+            auto["probe_slope"] = self._slope_from_snapshot()
         auto["step"] += 1
         auto["since_check"] += 1
         return loss
