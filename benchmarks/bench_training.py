@@ -24,7 +24,9 @@ optimizer steps. Methods:
   ``step``, budgeted in gradient evaluations like the others;
 * ``auto_temporal`` / ``auto_subspace`` / ``auto_subspace_plain``: ``mrgd_ext.AutoMrGD`` with default arguments
   except ``mode`` (and ``acceleration=None`` for the plain subspace step, to measure what momentum adds), with a
-  ``HessianOperator`` of the full-batch training loss. Never tuned per problem.
+  ``HessianOperator`` of the full-batch training loss; ``auto_subspace_ggn``: the default subspace mode planned on
+  the ``GGNOperator`` of the data loss instead (positive semi-definite; the small L2 term left out). Never tuned
+  per problem.
 
 Counted per run: gradient evaluations (closure calls), Hessian-vector products and seconds of AutoMrGD's
 curvature estimation, wall seconds (construction included: AutoMrGD measures there), evaluations / seconds to
@@ -70,13 +72,15 @@ from mrgd_ext.experiments import data
 
 PROBLEMS = ("ls_diabetes", "logreg_cancer", "softmax_digits", "mlp_diabetes", "mlp_wine", "mlp_multiscale")
 CONVEX = ("ls_diabetes", "logreg_cancer", "softmax_digits")
-METHODS = ("gd", "heavy_ball", "adam", "lbfgs", "auto_temporal", "auto_subspace", "auto_subspace_plain")
-AUTO_METHODS = ("auto_temporal", "auto_subspace", "auto_subspace_plain")
+METHODS = ("gd", "heavy_ball", "adam", "lbfgs", "auto_temporal", "auto_subspace", "auto_subspace_plain",
+           "auto_subspace_ggn")
+AUTO_METHODS = ("auto_temporal", "auto_subspace", "auto_subspace_plain", "auto_subspace_ggn")
 #: AutoMrGD's arguments per method: defaults except these (never tuned per problem).
 AUTO_ARGUMENTS: dict[str, dict[str, Any]] = {
     "auto_temporal": {"mode": "temporal"},
     "auto_subspace": {"mode": "subspace"},
     "auto_subspace_plain": {"mode": "subspace", "acceleration": None},
+    "auto_subspace_ggn": {"mode": "subspace"},
 }
 TUNED = ("gd", "heavy_ball", "adam")
 TOP_KEYS = ("machine", "torch_version", "date", "settings", "problems", "checks", "runtime_s")
@@ -319,7 +323,11 @@ def build_optimizer(method: str, lr: float | None, params: list[torch.Tensor], p
         return torch.optim.Adam(params, lr=lr)
     if method == "lbfgs":
         return torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
-    op = mrgd_ext.HessianOperator.from_closure(lambda pl: prob.loss_of(model, pl), params)
+    if method == "auto_subspace_ggn":
+        # The Gauss-Newton matrix of the data loss (positive semi-definite; without the small L2 term).
+        op = mrgd_ext.GGNOperator(model, prob.data_loss, (prob.x_train, prob.y_train), params=params)
+    else:
+        op = mrgd_ext.HessianOperator.from_closure(lambda pl: prob.loss_of(model, pl), params)
     return mrgd_ext.AutoMrGD(params, op, **AUTO_ARGUMENTS[method])
 
 

@@ -331,6 +331,12 @@ class MrGD(Optimizer):
     ``base_lr`` from :meth:`set_subspace` compiles once more (it is a Python float, as the cycle's rates are).
 
     Subspace mode: :meth:`set_subspace` switches to the spatial form, :meth:`clear_subspace` back.
+
+    No loss guard: like ``torch.optim.SGD``, ``step`` takes the update it is told to take. A guard needs what a
+    fixed plan does not have: the loss at every step (a closure), a copy of the parameters to roll back to, and
+    a measured ``lambda_max`` to fall back to a rate that provably decreases the loss. :class:`mrgd_ext.AutoMrGD`
+    is that guarded form (it measures the curvature, plans, and checks every cycle); a plan that is correct for
+    the loss it was made for (a quadratic with known groups) needs no guard.
     """
 
     # The subspace state lives under a string key next to the per-parameter entries.
