@@ -12,6 +12,8 @@ permutation with seed 0; the loss is the full-batch training loss):
 * ``mlp_diabetes``: MLP 10-64-64-1 (tanh) on diabetes, float32, mean squared error / 2 of the raw target.
 * ``mlp_wine``: MLP 13-64-64-3 (tanh) on the wine features, float32, cross-entropy.
 * ``mlp_multiscale``: MLP 64-64-64-10 (tanh) on ``multiscale_classification`` (data scales 1, 0.1, 0.01), float32.
+* ``cnn_digits``: a small CNN (two 3x3 convolutions, tanh, a linear layer; 3,818 parameters) on the raw 8 x 8
+  digits, float32, cross-entropy.
 
 Every run starts from the model's default initialisation under seed s (s = 0, 1, 2) and takes a fixed budget of
 optimizer steps. Methods:
@@ -70,7 +72,8 @@ from _common import (
 )
 from mrgd_ext.experiments import data
 
-PROBLEMS = ("ls_diabetes", "logreg_cancer", "softmax_digits", "mlp_diabetes", "mlp_wine", "mlp_multiscale")
+PROBLEMS = ("ls_diabetes", "logreg_cancer", "softmax_digits", "mlp_diabetes", "mlp_wine", "mlp_multiscale",
+            "cnn_digits")
 CONVEX = ("ls_diabetes", "logreg_cancer", "softmax_digits")
 METHODS = ("gd", "heavy_ball", "adam", "lbfgs", "auto_temporal", "auto_subspace", "auto_subspace_plain",
            "auto_subspace_ggn")
@@ -209,6 +212,12 @@ def _mlp(d_in: int, d_out: int, width: int = 64) -> Callable[[], nn.Module]:
                                  nn.Linear(width, d_out))
 
 
+def _cnn() -> nn.Module:
+    """Small CNN on 8 x 8 digit images given as flat rows: conv 1->8 (3x3), conv 8->16 (3x3, stride 2), linear."""
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, 10))
+
+
 def _newton_fstar(prob: Problem) -> float:
     """f* of a strictly convex problem by Newton's method with Armijo backtracking, in float64."""
     model = prob.make_model()
@@ -269,6 +278,11 @@ def make_problem(name: str) -> Problem:
         xtr, ytr, xte, yte = _split(x, y)
         return Problem(name, f"MLP 64-64-64-10 tanh, multiscale_classification data scales 1/0.1/0.01 ({src})",
                        "mlp", xtr, ytr, xte, yte, _mlp(64, 10), _ce, "test acc")
+    if name == "cnn_digits":
+        x, y, src = load_digits_raw()
+        xtr, ytr, xte, yte = _split(x.float(), y)
+        return Problem(name, f"CNN conv(1->8, 3x3)-conv(8->16, 3x3, stride 2)-linear(256->10) tanh, raw digits "
+                       f"({src}), float32, CE", "mlp", xtr, ytr, xte, yte, _cnn, _ce, "test acc")
     raise ValueError(f"unknown problem {name!r}")
 
 
