@@ -93,6 +93,20 @@ def check_orthonormal_rows(basis: torch.Tensor, name: str = "basis") -> None:
         )
 
 
+def check_finite_scalar(value: Any, name: str) -> float:
+    """A finite real number given as a Python (or numpy) scalar: the float arguments of the raw operators.
+
+    Tensors are refused (reading one would synchronise with its device; the operators take floats) and so are
+    bools. NaN or inf would be written into every parameter the operator updates.
+    """
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    return number
+
+
 def check_positive_rate(value: float, name: str) -> float:
     """A learning rate: a finite number > 0."""
     if isinstance(value, torch.Tensor):

@@ -79,6 +79,7 @@ from mrgd_ext.curvature.estimate import (
 )
 from mrgd_ext.curvature.lanczos import lanczos
 from mrgd_ext.curvature.operator import CurvatureOperator, as_operator
+from mrgd_ext._validation import check_bool, check_finite_scalar, check_int, check_positive_rate
 from mrgd_ext.optim._ddp import global_closure
 from mrgd_ext.optim.mrgd import MrGD
 from mrgd_ext.planning import MultiratePlan, ScaleGroup, plan_multirate
@@ -154,6 +155,43 @@ def _positive(value: Any, name: str, *, upper: float | None = None) -> float:
         bound = f" and <= {upper}" if upper is not None else ""
         raise ValueError(f"{name} must be a finite number > 0{bound}, got {value!r}")
     return v
+
+
+# The "multirate_auto" entry of the optimizer state: field -> (required, check).  Counts are integers >= 0 (the
+# refresh interval >= 1), losses None (before the first check point) or finite, the scale to return to a
+# finite rate multiplier > 0.
+_AUTO_STATE_FIELDS: dict[str, tuple[bool, Callable[[Any, str], Any]]] = {
+    "step": (True, lambda v, n: check_int(v, n, 0)),
+    "last_estimate": (True, lambda v, n: check_int(v, n, 0)),
+    "since_check": (True, lambda v, n: check_int(v, n, 0)),
+    "backoffs": (True, lambda v, n: check_int(v, n, 0)),
+    "interval": (True, lambda v, n: check_int(v, n, 1)),
+    "safe_entries": (False, lambda v, n: check_int(v, n, 0)),
+    "ref_loss": (True, lambda v, n: None if v is None else check_finite_scalar(v, n)),
+    "best_loss": (False, lambda v, n: None if v is None else check_finite_scalar(v, n)),
+    "remeasure": (True, check_bool),
+    "normal_lr_scale": (True, check_positive_rate),
+}
+
+
+def _checked_auto_state(auto: Any, name: str) -> dict[str, Any]:
+    """The AutoMrGD state entry with every field checked (types, finiteness, ranges), as plain Python values;
+    TypeError/ValueError/KeyError naming the field otherwise."""
+    if not isinstance(auto, dict):
+        raise TypeError(f"{name} must be a dict, got {type(auto).__name__}")
+    unknown = sorted(str(k) for k in auto if k not in _AUTO_STATE_FIELDS)
+    if unknown:
+        raise ValueError(f"{name} has unknown fields {', '.join(unknown)}")
+    out = {}
+    for field, (required, check) in _AUTO_STATE_FIELDS.items():
+        if field not in auto:
+            if required:
+                raise KeyError(f"{name} has no {field!r} field")
+            continue
+        out[field] = check(auto[field], f"{name}[{field!r}]")
+    if out["last_estimate"] > out["step"]:
+        raise ValueError(f"{name}['last_estimate'] = {out['last_estimate']} is after {name}['step'] = {out['step']}")
+    return out
 
 
 def _count(value: Any, name: str, minimum: int) -> int:
@@ -507,6 +545,24 @@ class AutoMrGD(MrGD):
             self.clear_subspace()
         peak = plan.peak_amplification if self.mode == "temporal" or self._safe_plan else 1.0
         self._growth_bound = self.max_loss_growth or min(10.0 * peak * peak, 1e30)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` after checking all of it: the MrGD fields (see
+        :meth:`MrGD.load_state_dict`) and the ``"multirate_auto"`` entry (step counters, refresh interval, back-off
+        count, reference and best losses, ...).
+
+        Raises TypeError/ValueError/KeyError naming the field; the optimizer is unchanged then.  The plan and the
+        curvature estimate are not part of the state: they stay those measured at construction (or since).
+        """
+        state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        auto = None
+        if isinstance(state, dict):  # anything else: MrGD.load_state_dict names the problem
+            if _AUTO_KEY not in state:
+                raise KeyError(f"state_dict['state'] has no {_AUTO_KEY!r} entry (not a state from AutoMrGD.state_dict())")
+            auto = _checked_auto_state(state[_AUTO_KEY], f"state_dict['state'][{_AUTO_KEY!r}]")
+        super().load_state_dict(state_dict)
+        if auto is not None:  # a copy of its own: stepping must not write into the caller's state_dict
+            self.state[_AUTO_KEY] = auto
 
     # ----------------------------------------------------------------------------------------------
     # Stepping with the safety checks
