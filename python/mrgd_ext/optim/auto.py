@@ -69,6 +69,7 @@ from typing import Any, TypedDict
 
 import torch
 
+from mrgd_ext._validation import check_bool, check_finite_scalar, check_int, check_positive_rate
 from mrgd_ext.curvature.distributed import DistributedOperator
 from mrgd_ext.curvature.estimate import (
     CurvatureEstimate,
@@ -79,7 +80,6 @@ from mrgd_ext.curvature.estimate import (
 )
 from mrgd_ext.curvature.lanczos import lanczos
 from mrgd_ext.curvature.operator import CurvatureOperator, as_operator
-from mrgd_ext._validation import check_bool, check_finite_scalar, check_int, check_positive_rate
 from mrgd_ext.optim._ddp import global_closure
 from mrgd_ext.optim.mrgd import MrGD
 from mrgd_ext.planning import MultiratePlan, ScaleGroup, plan_multirate
@@ -558,7 +558,8 @@ class AutoMrGD(MrGD):
         auto = None
         if isinstance(state, dict):  # anything else: MrGD.load_state_dict names the problem
             if _AUTO_KEY not in state:
-                raise KeyError(f"state_dict['state'] has no {_AUTO_KEY!r} entry (not a state from AutoMrGD.state_dict())")
+                raise KeyError(
+                    f"state_dict['state'] has no {_AUTO_KEY!r} entry (not a state from AutoMrGD.state_dict())")
             auto = _checked_auto_state(state[_AUTO_KEY], f"state_dict['state'][{_AUTO_KEY!r}]")
         super().load_state_dict(state_dict)
         if auto is not None:  # a copy of its own: stepping must not write into the caller's state_dict

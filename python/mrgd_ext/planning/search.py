@@ -24,8 +24,9 @@ from mrgd_ext.planning.polynomials import (
 
 __all__ = ["plan_multirate", "MAX_GROUPS"]
 
-#: Most groups plan_multirate accepts.  Planning time grows steeply with the number of groups (see
-#: benchmarks/bench_planner.py); beyond this it is a clear error rather than minutes of search.
+#: Most groups plan_multirate accepts.  Planning time grows about with the cube of the number of groups
+#: (benchmarks/bench_planner.py; bounds in plan_multirate's docstring); beyond this it is an immediate error
+#: rather than minutes of search.
 MAX_GROUPS = 24
 
 _MAX_EXHAUSTIVE_GAPS = 5  # 2**5 merge patterns; beyond that merging is greedy
@@ -506,6 +507,13 @@ def plan_multirate(
     Returns:
         The :class:`MultiratePlan` with the fewest predicted iterations to ``tol`` among those considered
         (ties: smaller perturbation amplification, then shorter cycle).
+
+    Planning time: at most :data:`MAX_GROUPS` (24) groups are planned; more is refused at once.  Measured with
+    ``benchmarks/bench_planner.py`` (CPU seconds, one thread of a shared 2-core Xeon): well separated groups
+    (ratio 0.1) are planned, or found to have no plan within the limits, in at most 0.9 s up to 20 groups and
+    1.3 s at 24; closely spaced narrow groups (ratio 0.5, relative width 0.3), where merging pays and the
+    greedy merge search runs several rounds, take 0.7 s at 8 groups, 2.0 s at 12, 4.7 s at 16 and 6.6 s at 20
+    -- the slowest inputs known.  The cost grows about with the cube of the number of groups.
 
     Raises:
         ValueError: naming the problem -- empty, unsorted or overlapping groups, more than :data:`MAX_GROUPS`
