@@ -49,6 +49,13 @@ def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
     return number
 
 
+def check_count(value: Any, name: str, minimum: int) -> int:
+    """A count or size: an integer (Python or numpy; not bool) >= ``minimum``; one ValueError for anything else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_bool(value: Any, name: str) -> bool:
     """A Python bool (not an int or a tensor)."""
     if not isinstance(value, bool):

@@ -69,7 +69,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from mrgd_ext._validation import check_bool, check_finite_scalar, check_int, check_positive_rate
+from mrgd_ext._validation import check_bool, check_count, check_finite_scalar, check_int, check_positive_rate
 from mrgd_ext.curvature.distributed import DistributedOperator
 from mrgd_ext.curvature.estimate import (
     CurvatureEstimate,
@@ -192,12 +192,6 @@ def _checked_auto_state(auto: Any, name: str) -> dict[str, Any]:
     if out["last_estimate"] > out["step"]:
         raise ValueError(f"{name}['last_estimate'] = {out['last_estimate']} is after {name}['step'] = {out['step']}")
     return out
-
-
-def _count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class AutoMrGD(MrGD):
@@ -333,12 +327,12 @@ class AutoMrGD(MrGD):
             raise ValueError(f"rate_rule must be 'safe' or 'optimal', got {rate_rule!r}")
         self.hessian = hessian
         self.mode = mode
-        self.refresh_every = _count(refresh_every, "refresh_every", 1)
+        self.refresh_every = check_count(refresh_every, "refresh_every", 1)
         self.max_refresh_interval = (16 * self.refresh_every if max_refresh_interval is None
-                                     else _count(max_refresh_interval, "max_refresh_interval", self.refresh_every))
+                                     else check_count(max_refresh_interval, "max_refresh_interval", self.refresh_every))
         self.gradient_history = bool(gradient_history) and mode == "temporal"
-        self.check_every = _count(check_every, "check_every", 1)
-        self.max_backoffs = _count(max_backoffs, "max_backoffs", 0)
+        self.check_every = check_count(check_every, "check_every", 1)
+        self.max_backoffs = check_count(max_backoffs, "max_backoffs", 0)
         self.backoff = _positive(backoff, "backoff", upper=1.0)
         if self.backoff >= 1.0:
             raise ValueError(f"backoff must be < 1 (the factor rates shrink by after a violation), got {backoff}")
@@ -356,11 +350,11 @@ class AutoMrGD(MrGD):
         self.subspace_rates = subspace_rates
         self.seed = int(seed)
         self._measure_kwargs: _MeasureKwargs = {
-            "num_eigs": _count(num_eigs, "num_eigs", 0),
-            "block_size": _count(block_size, "block_size", 1),
+            "num_eigs": check_count(num_eigs, "num_eigs", 0),
+            "block_size": check_count(block_size, "block_size", 1),
             "lanczos_tol": self._lanczos_tol(lanczos_tol, mode, params[0].dtype),
-            "density_probes": _count(density_probes, "density_probes", 0),
-            "density_order": _count(density_order, "density_order", 1),
+            "density_probes": check_count(density_probes, "density_probes", 0),
+            "density_order": check_count(density_order, "density_order", 1),
             "min_gap": min_gap,
             "floor": floor,
             "max_groups": max_groups,
@@ -376,7 +370,7 @@ class AutoMrGD(MrGD):
         self.history_max_curvature = 0.0  # largest secant curvature of small steps since the last measurement
         self.basis_rounding_error = 0.0
         self.basis_rounding_margin = BASIS_ROUNDING_MARGIN
-        self.max_cycle_length = self.refresh_every if max_cycle_length is None else _count(
+        self.max_cycle_length = self.refresh_every if max_cycle_length is None else check_count(
             max_cycle_length, "max_cycle_length", 1)
 
         estimate, plan = self._measure(params, step=0, reason="start")

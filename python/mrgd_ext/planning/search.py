@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from mrgd_ext._validation import check_count
 from mrgd_ext.planning.groups import ScaleGroup, check_tol, hulls, validate_groups
 from mrgd_ext.planning.plan import RATE_RULES, STRATEGIES, MultiratePlan, assemble
 from mrgd_ext.planning.polynomials import (
@@ -150,7 +151,8 @@ _ROWS_PER_BATCH = 4  # next-to-last-level rows per batch of the exhaustive searc
 
 
 class SearchCache:
-    """What the searches of every merge pattern of one spectrum share.
+    """What the searches of every merge pattern of one spectrum share (for one kind and rate rule: the
+    large-step rows depend on both).
 
     The coarse grid's points do not depend on the merge pattern (group i always owns the slice
     ``bounds[i]:bounds[i + 1]``, groups in order), so a merged level owns a contiguous slice and the levels finer
@@ -193,8 +195,8 @@ class _LevelSearch:
     so the search can only pick among plans whose cost it has actually computed.  The work is batched over
     candidate rows: a level adds its large steps to every row at once (:meth:`extend`), and coordinate descent
     re-uses the partial cycle below the level it varies.  Partial cycles already at least as long as the
-    best plan found so far are dropped (they cannot win: see :meth:`_Rows.shorter_than`), which changes no
-    result and is most of the speed of deep searches.
+    best plan found so far are dropped (they cannot win: see :meth:`_Rows.shorter_than` and :meth:`complete`),
+    which changes no result.
     """
 
     def __init__(
@@ -531,14 +533,8 @@ def plan_multirate(
             f"rate_rule='safe' is a single-rate rule (eta_k = 1/b_k) and applies to strategy='nested' only, "
             f"not to strategy={strategy!r}"
         )
-    if isinstance(max_degree, bool) or not isinstance(max_degree, (int, np.integer)) or max_degree < 1:
-        raise ValueError(f"max_degree must be an integer >= 1, got {max_degree!r}")
-    if (
-        isinstance(max_cycle_length, bool)
-        or not isinstance(max_cycle_length, (int, np.integer))
-        or max_cycle_length < 1
-    ):
-        raise ValueError(f"max_cycle_length must be an integer >= 1, got {max_cycle_length!r}")
+    max_degree = check_count(max_degree, "max_degree", 1)
+    max_cycle_length = check_count(max_cycle_length, "max_cycle_length", 1)
     if not isinstance(merge, (bool, np.bool_)):
         raise ValueError(f"merge must be True or False, got {merge!r}")
 
