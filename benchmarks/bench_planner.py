@@ -1,19 +1,26 @@
-"""Planning time of ``mrgd_ext.plan_multirate`` against the number of eigenvalue groups.
+"""Planning time of ``mrgd_ext.plan_multirate`` against the number of eigenvalue groups, with a time budget.
 
-Groups from ``groups_from_scales(n, ratio)`` (Hessian ratio between successive groups, relative width 1), default
-strategy ("auto": nested and Chebyshev-nested over merge patterns).  Each size is planned once (planning is
-deterministic and takes seconds, so repeats only cost time); a size that fails raises nothing here but is
-recorded with its error.  Writes planner_cpu.json and planner_cpu.md (machine, torch version, date).  CPU
-seconds are reported beside wall seconds: on a shared machine the wall time mostly measures the other load.
+Two families of synthetic spectra from ``groups_from_scales(n, ratio, width)``, default strategy ("auto":
+nested and Chebyshev-nested over merge patterns):
 
-Where the time goes (cProfile): the degree search per merge pattern -- adding a level's large steps to a batch
-of partial cycles (``extend``) and the least count per candidate (``least_counts``), each a few elementwise
-passes over [candidates, grid points] arrays -- is 75-85% of it; building the large-step rows of each pattern
-most of the rest.  Deep nests (4+ levels) use coordinate descent, and beyond 6 groups merge patterns are
-explored greedily, one ``_search`` per adjacent pair per round, so the cost grows about with the cube of the
-number of groups; plan_multirate refuses more than ``MAX_GROUPS`` groups.
+* ``separated`` -- Hessian ratio 0.1 between groups, relative width 1.  Beyond ~10 groups no plan fits
+  ``max_cycle_length`` (every level multiplies the cycle), so these sizes measure how fast the planner says so.
+* ``dense`` -- ratio 0.5, width 0.3: narrow groups close together, so plans exist up to 20+ groups and the
+  greedy merge search runs its full course (the slowest inputs we know of).
 
-    python benchmarks/bench_planner.py [--quick] [--out DIR] [--sizes 2,4,8,12,20]
+Each size is planned once (planning is deterministic; repeats only cost time).  A size that fails raises nothing
+here but is recorded with its error; sizes above ``MAX_GROUPS`` record the refusal.  Budget (CPU seconds, so the
+load of a shared machine does not count): 1 s up to 20 groups, 5 s beyond.  ``--check`` exits 1 when a size
+misses its budget.  Writes planner_cpu.json and planner_cpu.md (machine, torch version, date).
+
+Where the time goes (cProfile, dense family, 20 groups): the degree search per merge pattern is ~95% of it --
+adding a level's large steps to a batch of partial cycles (``_LevelSearch.extend``) and the least count per row
+(``least_counts``), a few elementwise passes each over [rows, grid points] arrays (~225 coarse points per group);
+the fine-grid evaluation of the finalists (``assemble``) is the rest.  Beyond 6 groups merge patterns are explored
+greedily, one degree search per adjacent pair per round, so the cost grows about with the cube of the number of
+groups.
+
+    python benchmarks/bench_planner.py [--quick] [--check] [--out DIR] [--sizes 2,4,8,12,16,20,24,25,50]
 """
 
 from __future__ import annotations
@@ -28,48 +35,64 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, markdown_header, markdown_table, write_results  # noqa: E402
 from mrgd_ext import groups_from_scales, plan_multirate  # noqa: E402
+from mrgd_ext.planning.search import MAX_GROUPS  # noqa: E402
+
+FAMILIES = {"separated": (0.1, 1.0), "dense": (0.5, 0.3)}  # name: (Hessian ratio, relative width)
+
+
+def budget_s(groups: int) -> float:
+    """The planning-time budget: 1 CPU second up to 20 groups, 5 beyond."""
+    return 1.0 if groups <= 20 else 5.0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="sizes 2 and 4 only")
-    ap.add_argument("--sizes", default=None, help="comma-separated group counts (default 2,4,8,12,20)")
-    ap.add_argument("--ratio", type=float, default=0.1, help="Hessian ratio between successive groups")
+    ap.add_argument("--quick", action="store_true", help="sizes 2, 4, 8 and one above MAX_GROUPS")
+    ap.add_argument("--sizes", default=None, help="comma-separated group counts (default 2,4,8,12,16,20,24,25,50)")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: " + ", ".join(FAMILIES))
+    ap.add_argument("--check", action="store_true", help="exit 1 if a size misses its budget")
     ap.add_argument("--device", default="cpu", help="accepted for the suite; planning runs on the CPU")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    sizes = [2, 4] if args.quick else [int(s) for s in (args.sizes or "2,4,8,12,20").split(",")]
+    if args.quick:
+        sizes = [2, 4, 8, MAX_GROUPS + 1]
+    else:
+        sizes = [int(s) for s in (args.sizes or "2,4,8,12,16,20,24,25,50").split(",")]
     rows = []
-    for n in sizes:
-        groups = groups_from_scales(n, args.ratio)
-        start, cpu = time.perf_counter(), time.process_time()
-        try:
-            plan = plan_multirate(groups)
-            outcome = {"strategy": plan.strategy, "levels": plan.num_groups, "cycle_length": plan.cycle_length,
-                       "predicted_iterations": plan.predicted_iterations()}
-        except ValueError as exc:
-            outcome = {"error": str(exc)}
-        cpu_s = time.process_time() - cpu
-        # The planning-time budget: 1 s up to 20 groups, 5 s beyond (CPU seconds, so other load does not count).
-        budget = 1.0 if n <= 20 else 5.0
-        rows.append({"groups": n, "seconds": time.perf_counter() - start, "cpu_seconds": cpu_s, "budget_s": budget,
-                     "within_budget": cpu_s <= budget, **outcome})
-        print(f"{n:>3} groups: {rows[-1]['seconds']:.2f} s wall, {rows[-1]['cpu_seconds']:.2f} s CPU  {outcome}",
-              flush=True)
+    for family in args.families.split(","):
+        ratio, width = FAMILIES[family]
+        for n in sizes:
+            groups = groups_from_scales(n, ratio, width)
+            start, cpu = time.perf_counter(), time.process_time()
+            try:
+                plan = plan_multirate(groups)
+                outcome = {"strategy": plan.strategy, "levels": plan.num_groups, "cycle_length": plan.cycle_length,
+                           "predicted_iterations": plan.predicted_iterations()}
+            except ValueError as exc:
+                outcome = {"error": str(exc)}
+            cpu_s = time.process_time() - cpu
+            rows.append({"family": family, "ratio": ratio, "width": width, "groups": n,
+                         "seconds": time.perf_counter() - start, "cpu_seconds": cpu_s, "budget_s": budget_s(n),
+                         "within_budget": cpu_s <= budget_s(n), **outcome})
+            print(f"{family:>9} {n:>3} groups: {rows[-1]['seconds']:.2f} s wall, {cpu_s:.2f} s CPU  {outcome}",
+                  flush=True)
     info = machine_info("cpu")
-    payload = {"machine": info, "ratio": args.ratio, "results": rows}
+    payload = {"machine": info, "families": FAMILIES, "max_groups": MAX_GROUPS, "results": rows}
     table = markdown_table(
-        ["groups", "wall s", "CPU s", "budget s", "strategy (or error)", "levels", "cycle length",
+        ["family", "groups", "wall s", "CPU s", "budget s", "strategy (or error)", "levels", "cycle length",
          "predicted iterations"],
-        [[r["groups"], f"{r['seconds']:.2f}", f"{r['cpu_seconds']:.2f}",
+        [[r["family"], r["groups"], f"{r['seconds']:.2f}", f"{r['cpu_seconds']:.2f}",
           f"{r['budget_s']:g} ({'met' if r['within_budget'] else 'MISSED'})", r.get("strategy", r.get("error", "")),
-          r.get("levels", ""),
-          r.get("cycle_length", ""), r.get("predicted_iterations", "")] for r in rows],
+          r.get("levels", ""), r.get("cycle_length", ""), r.get("predicted_iterations", "")] for r in rows],
     )
     md = markdown_header("Planner time (plan_multirate, strategy auto)", info) + "\n" + table + "\n"
     json_path, md_path = write_results("planner_cpu", payload, md, Path(args.out) if args.out else None)
     print(f"wrote {json_path.resolve()}, {md_path.resolve()}")
+    missed = [f"{r['family']}/{r['groups']}" for r in rows if not r["within_budget"]]
+    if args.check and missed:
+        print(f"planning-time budget missed for: {', '.join(missed)}")
+        return 1
     return 0
 
 

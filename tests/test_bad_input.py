@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mrgd_ext import MrGD, mrgd
+from mrgd_ext import AutoMrGD, HessianOperator, MrGD, mrgd
 from mrgd_ext.ops import step_ops
 
 CYCLE = (0.01, 0.02, 0.5)
@@ -384,6 +384,42 @@ def _fn_cases():
                                       ValueError, "basis has 5 columns"),
         "op subspace coeffs": (lambda P: step_ops.subspace_step_(P, [t(3), t(3)], basis, torch.zeros(2), 0.1),
                                ValueError, "coeffs must be"),
+        # Non-finite float arguments: the wrappers refuse them in Python, the operators themselves in C++ (a
+        # direct torch.ops call), before any kernel runs.
+        "op lr nan": (lambda P: step_ops.multirate_step_(P, [t(3), t(3)], float("nan")), ValueError,
+                      r"^lr must be finite, got nan"),
+        "op lr inf": (lambda P: step_ops.multirate_step_(P, [t(3), t(3)], float("inf")), ValueError,
+                      r"^lr must be finite, got inf"),
+        "op weight_decay nan": (lambda P: step_ops.multirate_step_(P, [t(3), t(3)], 0.1, weight_decay=float("nan")),
+                                ValueError, r"^weight_decay must be finite"),
+        "op lr tensor": (lambda P: step_ops.multirate_step_(P, [t(3), t(3)], torch.tensor(0.1)), TypeError,
+                         r"^lr must be a Python float, got Tensor"),
+        "op lr bool": (lambda P: step_ops.multirate_step_(P, [t(3), t(3)], True), TypeError, r"^lr must be a Python"),
+        "op lr nan, empty lists": (lambda P: step_ops.multirate_step_([], [], float("nan")), ValueError,
+                                   r"^lr must be finite"),
+        "op subspace_project weight_decay inf": (
+            lambda P: step_ops.subspace_project(P, [t(3), t(3)], basis, weight_decay=float("inf")), ValueError,
+            r"^weight_decay must be finite"),
+        "op subspace_step lr nan": (lambda P: step_ops.subspace_step_(P, [t(3), t(3)], basis, torch.zeros(1),
+                                                                      float("nan")), ValueError, r"^lr must be finite"),
+        "op subspace_step weight_decay -inf": (
+            lambda P: step_ops.subspace_step_(P, [t(3), t(3)], basis, torch.zeros(1), 0.1, weight_decay=-math.inf),
+            ValueError, r"^weight_decay must be finite"),
+        "raw multirate_step_ lr nan": (
+            lambda P: torch.ops.mrgd_ext.multirate_step_(P, [t(3), t(3)], float("nan"), 0.0, False), ValueError,
+            r"mrgd_ext: lr must be finite, got nan"),
+        "raw multirate_step_ weight_decay inf": (
+            lambda P: torch.ops.mrgd_ext.multirate_step_(P, [t(3), t(3)], 0.1, float("inf"), False), ValueError,
+            r"mrgd_ext: weight_decay must be finite, got inf"),
+        "raw subspace_project weight_decay nan": (
+            lambda P: torch.ops.mrgd_ext.subspace_project(P, [t(3), t(3)], basis, float("nan"), False), ValueError,
+            r"mrgd_ext: weight_decay must be finite"),
+        "raw subspace_step_ lr inf": (
+            lambda P: torch.ops.mrgd_ext.subspace_step_(P, [t(3), t(3)], basis, torch.zeros(1), float("inf"), 0.0,
+                                                        False), ValueError, r"mrgd_ext: lr must be finite"),
+        "raw subspace_step_ weight_decay nan": (
+            lambda P: torch.ops.mrgd_ext.subspace_step_(P, [t(3), t(3)], basis, torch.zeros(1), 0.1, float("nan"),
+                                                        False), ValueError, r"mrgd_ext: weight_decay must be finite"),
     }
 
 
@@ -399,6 +435,126 @@ def test_functional_and_ops(case):
     assert all(same(p, q) for p, q in zip(params, before))
 
 
+def test_compiled_step_takes_a_non_finite_tensor_lr_unchecked():
+    # NOTE: a tensor "lr" is checked on every eager step (one host read of a CPU scalar), but a compiled step
+    # cannot read it without a device synchronisation per step, so there it is not checked: a NaN multiplier
+    # is written into the parameters, as torch.optim.SGD does with a NaN tensor lr.  This pins that decision.
+    torch._dynamo.reset()
+    a = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = MrGD([a], plan=CYCLE, lr=torch.tensor(1.0, dtype=torch.float64))
+    step = torch.compile(opt.step, backend="eager")
+    a.grad = torch.ones(3, dtype=torch.float64)
+    step()
+    assert torch.equal(a.detach(), torch.full((3,), 1.0 - CYCLE[0], dtype=torch.float64))
+    opt.param_groups[0]["lr"].fill_(float("nan"))
+    snap = a.detach().clone(), copy.deepcopy(opt.state_dict())
+    expect(ValueError, r"param_groups\[0\]\['lr'\]", opt.step)  # eager: refused, nothing written
+    assert same(a.detach(), snap[0]) and same(opt.state_dict(), snap[1])
+    step()
+    assert torch.isnan(a.detach()).all()
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------------
+# AutoMrGD's own state entry ("multirate_auto"): (edit of the entry, error type, message)
+
+AUTO = "multirate_auto"
+
+
+class AutoWorld:
+    """AutoMrGD on a small quadratic (eigenvalues in two groups), a few steps taken."""
+
+    def __init__(self):
+        gen = torch.Generator().manual_seed(0)
+        q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+        h = (q * torch.tensor([100.0, 80.0, 60.0, 1.0, 0.8, 0.6], dtype=torch.float64)) @ q.T
+        self.h = 0.5 * (h + h.T)
+        self.w = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+        self.target = torch.ones(6, dtype=torch.float64)
+        op = HessianOperator.from_closure(self._loss, [self.w])
+        self.opt = AutoMrGD([self.w], op, mode="temporal", density_order=6, max_groups=None)
+        for _ in range(3):
+            self.opt.step(self.closure)
+
+    def _loss(self, plist):
+        d = plist[0] - self.target
+        return 0.5 * d @ (self.h @ d)
+
+    def closure(self):
+        self.opt.zero_grad()
+        loss = self._loss([self.w])
+        loss.backward()
+        return loss
+
+    def snapshot(self):
+        return self.w.detach().clone(), copy.deepcopy(self.opt.state_dict())
+
+    def unchanged(self, snap):
+        return same(self.w.detach(), snap[0]) and same(self.opt.state_dict(), snap[1])
+
+
+def _auto(key, value):
+    def edit(sd):
+        sd["state"][AUTO][key] = value
+    return edit
+
+
+LOAD_AUTO = {
+    "step negative": (_auto("step", -1), ValueError, r"\['multirate_auto'\]\['step'\] must be >= 0"),
+    "step float": (_auto("step", 2.5), TypeError, r"\['multirate_auto'\]\['step'\] must be an integer"),
+    "step bool": (_auto("step", True), TypeError, r"\['step'\] must be an integer"),
+    "since_check negative": (_auto("since_check", -2), ValueError, r"\['since_check'\] must be >= 0"),
+    "interval 0": (_auto("interval", 0), ValueError, r"\['interval'\] must be >= 1"),
+    "backoffs string": (_auto("backoffs", "1"), TypeError, r"\['backoffs'\] must be an integer"),
+    "safe_entries negative": (_auto("safe_entries", -1), ValueError, r"\['safe_entries'\] must be >= 0"),
+    "last_estimate after step": (_auto("last_estimate", 99), ValueError, r"\['last_estimate'\] = 99 is after"),
+    "ref_loss nan": (_auto("ref_loss", float("nan")), ValueError, r"\['ref_loss'\] must be finite"),
+    "ref_loss string": (_auto("ref_loss", "low"), TypeError, r"\['ref_loss'\] must be a Python float"),
+    "best_loss inf": (_auto("best_loss", float("inf")), ValueError, r"\['best_loss'\] must be finite"),
+    "best_loss tensor": (_auto("best_loss", torch.tensor(1.0)), TypeError, r"\['best_loss'\] must be a Python"),
+    "remeasure int": (_auto("remeasure", 1), TypeError, r"\['remeasure'\] must be a bool"),
+    "normal_lr_scale 0": (_auto("normal_lr_scale", 0.0), ValueError, r"\['normal_lr_scale'\] must be a finite"),
+    "normal_lr_scale nan": (_auto("normal_lr_scale", float("nan")), ValueError, r"\['normal_lr_scale'\]"),
+    "missing interval": (lambda sd: sd["state"][AUTO].pop("interval"), KeyError, r"has no 'interval' field"),
+    "unknown field": (_auto("intreval", 5), ValueError, r"\['multirate_auto'\] has unknown fields intreval"),
+    "entry not a dict": (lambda sd: sd["state"].update({AUTO: [1, 2]}), TypeError,
+                         r"\['multirate_auto'\] must be a dict, got list"),
+    "entry missing": (lambda sd: sd["state"].pop(AUTO), KeyError, r"has no 'multirate_auto' entry"),
+    "and a bad MrGD field": (lambda sd: sd["param_groups"][0].update(lr_scale=-1.0), ValueError,
+                             r"\[0\]\['lr_scale'\]"),
+}
+
+
+@pytest.fixture(scope="module")
+def auto_state():
+    return copy.deepcopy(AutoWorld().opt.state_dict())
+
+
+@pytest.mark.parametrize("case", sorted(LOAD_AUTO))
+def test_load_state_dict_auto(case, auto_state):
+    edit, exc, match = LOAD_AUTO[case]
+    sd = copy.deepcopy(auto_state)
+    edit(sd)
+    w = AutoWorld()
+    snap = w.snapshot()
+    expect(exc, match, lambda: w.opt.load_state_dict(sd))
+    assert w.unchanged(snap)
+    w.opt.step(w.closure)  # and it still works
+
+
+def test_load_state_dict_auto_accepts_its_own_state_and_keeps_a_copy(auto_state):
+    sd = copy.deepcopy(auto_state)
+    sd["state"][AUTO]["ref_loss"] = None  # before the first check point
+    sd["state"][AUTO]["best_loss"] = None
+    w = AutoWorld()
+    w.opt.load_state_dict(sd)
+    assert w.opt.state[AUTO]["step"] == auto_state["state"][AUTO]["step"]
+    w.opt.step(w.closure)
+    assert w.opt.state[AUTO]["step"] == auto_state["state"][AUTO]["step"] + 1
+    assert sd["state"][AUTO]["step"] == auto_state["state"][AUTO]["step"]  # the caller's dict is not written
+
+
 def test_catalog_size():
-    n = len(CONSTRUCTION) + len(STEP) + len(LOAD) + len(LOAD_SUBSPACE) + len(SET_SUBSPACE) + len(FUNCTIONAL) + 2
+    n = (len(CONSTRUCTION) + len(STEP) + len(LOAD) + len(LOAD_SUBSPACE) + len(SET_SUBSPACE) + len(FUNCTIONAL)
+         + len(LOAD_AUTO) + 3)
     assert n >= 60

@@ -160,6 +160,7 @@ const float* optional_ptr(const std::optional<at::Tensor>& t) {
 
 at::Tensor subspace_project_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& basis,
                                  double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale) {
+  check_finite_scalar(weight_decay, "weight_decay");
   check_param_grad_lists(params, grads);
   if (params.empty()) {  // as the CPU kernel: U^T g over zero elements is the zero vector
     TORCH_CHECK(basis.dim() == 2 && basis.size(1) == 0, "mrgd_ext: basis must be [r, 0] for an empty parameter list");
@@ -213,6 +214,8 @@ at::Tensor subspace_project_cuda(at::TensorList params, at::TensorList grads, co
 void subspace_step_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& basis,
                         const at::Tensor& coeffs, double lr, double weight_decay, bool maximize,
                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_finite_scalar(lr, "lr");
+  check_finite_scalar(weight_decay, "weight_decay");
   check_param_grad_lists(params, grads);
   if (params.empty()) return;
   const at::Device device = params[0].device();

@@ -49,6 +49,13 @@ def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
     return number
 
 
+def check_count(value: Any, name: str, minimum: int) -> int:
+    """A count or size: an integer (Python or numpy; not bool) >= ``minimum``; one ValueError for anything else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_bool(value: Any, name: str) -> bool:
     """A Python bool (not an int or a tensor)."""
     if not isinstance(value, bool):
@@ -91,6 +98,20 @@ def check_orthonormal_rows(basis: torch.Tensor, name: str = "basis") -> None:
             f"{name} rows are not orthonormal: max |B B^T - I| = {err:.3g} > {tol:.3g} "
             "(orthonormalize it, e.g. with torch.linalg.qr, or pass check=False)"
         )
+
+
+def check_finite_scalar(value: Any, name: str) -> float:
+    """A finite real number given as a Python (or numpy) scalar: the float arguments of the raw operators.
+
+    Tensors are refused (reading one would synchronise with its device; the operators take floats) and so are
+    bools. NaN or inf would be written into every parameter the operator updates.
+    """
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    return number
 
 
 def check_positive_rate(value: float, name: str) -> float:

@@ -3,6 +3,7 @@
 // ValueError/TypeError naming the argument; these TORCH_CHECKs guard direct torch.ops calls.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <cmath>
 #include <optional>
 
 namespace mrgd_ext {
@@ -45,6 +46,12 @@ inline void check_scalar_flag(const at::Tensor* t, const char* name, const at::D
 
 inline void check_scalar_flag(const std::optional<at::Tensor>& t, const char* name, const at::Device& device) {
   check_scalar_flag(t.has_value() ? &*t : nullptr, name, device);
+}
+
+// A rate or coefficient given as a float argument: NaN or inf would be written into every parameter. Checked on
+// the host before any kernel runs (a ValueError naming the argument); costs nothing on the device.
+inline void check_finite_scalar(double value, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value), "mrgd_ext: ", name, " must be finite, got ", value);
 }
 
 inline int64_t total_numel(at::TensorList tensors) {

@@ -40,6 +40,7 @@ struct ElementwiseOp;
 template <typename Fn, typename Backend, std::size_t... L, std::size_t... S>
 struct ElementwiseOp<Fn, Backend, std::index_sequence<L...>, std::index_sequence<S...>> {
   static void dispatch(ElementwiseCall<Fn>& call) {
+    for (int i = 0; i < Fn::kScalars; ++i) check_finite_scalar(call.scalars[i], Fn::kScalarNames[i]);
     check_tensor_lists(call.lists.data(), Fn::kListNames, Fn::kLists);
     if (call.lists[0].empty()) return;
     const at::Device device = call.lists[0][0].device();

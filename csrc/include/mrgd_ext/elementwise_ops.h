@@ -2,8 +2,9 @@
 // NOTE: [element-wise ops]
 // An element-wise multi-tensor op is one functor here plus one schema line in csrc/mrgd_ext.cpp. The functor
 // names the op, says how many tensor lists it takes and their names (the first kUpdated of them are
-// updated in place, the rest only read) and how many float arguments follow them, and applies the shared element math
-// (update_math.h) to one element of every list. Everything else is generic over the functor:
+// updated in place, the rest only read), how many float arguments follow them and their names (each must be
+// finite: checked on the host before any kernel runs), and applies the shared element math (update_math.h) to one
+// element of every list. Everything else is generic over the functor:
 //   - the schema's arguments are unpacked into lists and scalars by ElementwiseOp (elementwise_op.h);
 //   - the CPU chunk loops are compiled once per instruction set (chunk_kernels.cpp) into the kernel table's
 //     `elementwise` rows (NOTE: [CPU instruction-set dispatch]);
@@ -29,7 +30,8 @@ struct MultirateStep {
   static constexpr int kLists = 2;
   static constexpr int kUpdated = 1;
   static constexpr const char* kListNames[kLists] = {"params", "grads"};
-  static constexpr int kScalars = 2;  // lr, weight_decay
+  static constexpr int kScalars = 2;
+  static constexpr const char* kScalarNames[kScalars] = {"lr", "weight_decay"};
   static constexpr bool kGradFactor = true;
   template <typename T>
   MRGD_HOST_DEVICE_MEMBER void apply(T* x, const T* s) {

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrgd_ext._validation import check_int
 from mrgd_ext.curvature.krylov import CountingApply, probe_tridiagonals
 from mrgd_ext.curvature.operator import as_operator
 
 # Re-exported: the trace estimators used to live here.
-from mrgd_ext.curvature.trace import TraceEstimate, _check_count, _rademacher, hutchinson_trace
+from mrgd_ext.curvature.trace import TraceEstimate, _rademacher, hutchinson_trace
 
 __all__ = ["spectral_density", "SpectralDensity", "hutchinson_trace", "TraceEstimate"]
 
@@ -104,8 +105,8 @@ def spectral_density(
         :class:`SpectralDensity`.
     """
     A = as_operator(op, n=n, dtype=dtype, device=device)
-    num_probes = _check_count(num_probes, "num_probes")
-    order = _check_count(order, "order")
+    num_probes = check_int(num_probes, "num_probes", 1)
+    order = check_int(order, "order", 1)
     if order > A.n:
         raise ValueError(f"order={order} exceeds the operator size n={A.n} (a Krylov space has at most n dimensions)")
     if A.dtype not in (torch.float32, torch.float64):
@@ -115,7 +116,7 @@ def spectral_density(
     if probe_batch is None:
         elem = torch.finfo(A.dtype).bits // 8
         probe_batch = max(1, min(num_probes, (1 << 30) // max(order * A.n * elem, 1)))
-    probe_batch = _check_count(probe_batch, "probe_batch")
+    probe_batch = check_int(probe_batch, "probe_batch", 1)
     gen = torch.Generator().manual_seed(int(seed))
     apply = CountingApply(A)
     alpha_parts, beta_parts, length_parts = [], [], []
@@ -142,7 +143,7 @@ def spectral_density(
         sigma = 0.01 * span if span > 0 else 1e-3 * max(abs(hi), 1.0)
     sigma = float(sigma)
     if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
-        points = _check_count(grid, "grid", 2)
+        points = check_int(grid, "grid", 2)
         grid_arr = np.linspace(lo - 5 * sigma, hi + 5 * sigma, points)
     else:
         grid_arr = np.asarray(grid, dtype=np.float64).reshape(-1)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrgd_ext._validation import check_count
 from mrgd_ext.curvature.density import SpectralDensity, spectral_density
 from mrgd_ext.curvature.lanczos import LanczosResult, lanczos
 from mrgd_ext.curvature.operator import as_operator
@@ -75,12 +76,6 @@ class CurvatureEstimate:
             "num_hvps": self.num_hvps,
             "seconds": self.seconds,
         }
-
-
-def _count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def default_floor(dtype: torch.dtype) -> float:
@@ -178,9 +173,9 @@ def estimate_curvature(
     Raises:
         ValueError: naming the argument; or when no positive curvature above ``floor`` is found.
     """
-    num_eigs = _count(num_eigs, "num_eigs", 0)
-    density_probes = _count(density_probes, "density_probes", 0)
-    density_order = _count(density_order, "density_order", 1)
+    num_eigs = check_count(num_eigs, "num_eigs", 0)
+    density_probes = check_count(density_probes, "density_probes", 0)
+    density_order = check_count(density_order, "density_order", 1)
     if num_eigs == 0 and density_probes == 0:
         raise ValueError("num_eigs and density_probes are both 0: nothing would be measured")
     op = as_operator(op)

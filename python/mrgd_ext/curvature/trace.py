@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrgd_ext._validation import check_int
 from mrgd_ext.curvature.krylov import CountingApply
 from mrgd_ext.curvature.operator import LinearOperator, as_operator
 
@@ -81,14 +82,6 @@ class DiagonalEstimate:
         return self._unflatten(self.diagonal) if self._unflatten else [self.diagonal]
 
 
-def _check_count(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _rademacher(gen: torch.Generator, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     z = torch.randint(0, 2, (rows, n), generator=gen, dtype=torch.int8)
     return (2 * z.to(dtype) - 1).to(device)
@@ -140,8 +133,8 @@ def hutchinson_trace(
     ``num_probes >= 2`` (the standard error needs two samples). ``op`` as for :func:`mrgd_ext.lanczos`.
     """
     A = as_operator(op, n=n, dtype=dtype, device=device)
-    num_probes = _check_count(num_probes, "num_probes", 2)
-    batch_size = _check_count(batch_size, "batch_size")
+    num_probes = check_int(num_probes, "num_probes", 2)
+    batch_size = check_int(batch_size, "batch_size", 1)
     apply = CountingApply(A)
     gen = torch.Generator().manual_seed(int(seed))
     s = _probe_quadratics(apply, gen, A, num_probes, batch_size)
@@ -166,8 +159,8 @@ def hutchpp_trace(
     Hutchinson part's standard error (the sketch part has none given the sketch).
     """
     A = as_operator(op, n=n, dtype=dtype, device=device)
-    budget = _check_count(budget, "budget", 6)
-    batch_size = _check_count(batch_size, "batch_size")
+    budget = check_int(budget, "budget", 6)
+    batch_size = check_int(batch_size, "batch_size", 1)
     apply = CountingApply(A)
     gen = torch.Generator().manual_seed(int(seed))
     k = min(budget // 3, A.n)
@@ -199,8 +192,8 @@ def xtrace(
     the estimator's own heuristic error bar, not an exact standard error).
     """
     A = as_operator(op, n=n, dtype=dtype, device=device)
-    budget = _check_count(budget, "budget", 4)
-    batch_size = _check_count(batch_size, "batch_size")
+    budget = check_int(budget, "budget", 4)
+    batch_size = check_int(batch_size, "batch_size", 1)
     apply = CountingApply(A)
     gen = torch.Generator().manual_seed(int(seed))
     m = min(budget // 2, A.n)
@@ -253,7 +246,7 @@ def trace(
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
-    budget = _check_count(budget, "budget", 2)
+    budget = check_int(budget, "budget", 2)
     if method == "xtrace" or (method == "auto" and budget >= 4):
         return xtrace(op, budget, seed=seed, batch_size=batch_size, n=n, dtype=dtype, device=device)
     if method == "hutch++":
@@ -275,8 +268,8 @@ def hutchinson_diagonal(
     probes, with per-entry standard errors. Entry ``i`` has variance ``sum_{j != i} H_ij^2`` per probe, so the
     error falls as ``1 / sqrt(num_probes)`` (``>= 2``); ``batch_size`` probes share one operator call."""
     A = as_operator(op, n=n, dtype=dtype, device=device)
-    num_probes = _check_count(num_probes, "num_probes", 2)
-    batch_size = _check_count(batch_size, "batch_size")
+    num_probes = check_int(num_probes, "num_probes", 2)
+    batch_size = check_int(batch_size, "batch_size", 1)
     apply = CountingApply(A)
     gen = torch.Generator().manual_seed(int(seed))
     total = torch.zeros(A.n, dtype=torch.float64, device=A.device)

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrgd_ext._validation import check_count
+
 __all__ = [
     "MultiscaleData",
     "load_breast_cancer",
@@ -106,12 +108,6 @@ class MultiscaleData:
 # Argument checks
 
 
-def _check_count(value: Any, name: str, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    return int(value)
-
-
 def _check_dtype(dtype: Any) -> torch.dtype:
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be a floating torch dtype (float16, bfloat16, float32, float64), got {dtype!r}")
@@ -121,7 +117,7 @@ def _check_dtype(dtype: Any) -> torch.dtype:
 def _check_structure(dims: Sequence[int], scales: Sequence[float]) -> tuple[tuple[int, ...], tuple[float, ...]]:
     if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or len(dims) == 0:
         raise ValueError(f"dims must be a non-empty sequence of block dimensions, got {dims!r}")
-    dims_t = tuple(_check_count(d, f"dims[{k}]", 1) for k, d in enumerate(dims))
+    dims_t = tuple(check_count(d, f"dims[{k}]", 1) for k, d in enumerate(dims))
     if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence):
         raise TypeError(f"scales must be a sequence of data scales (one per block), got {scales!r}")
     if len(scales) != len(dims_t):
@@ -183,7 +179,7 @@ def multiscale_inputs(
             block, not positive, not finite or not strictly descending).
         TypeError: ``dtype`` not a floating dtype.
     """
-    num_samples = _check_count(num_samples, "num_samples", 1)
+    num_samples = check_count(num_samples, "num_samples", 1)
     dims_t, scales_t = _check_structure(dims, scales)
     dtype = _check_dtype(dtype)
     seed = int(seed)
@@ -265,7 +261,7 @@ def multiscale_classification(
         ``"teacher"`` (``A``, float64), ``"teacher_bias"`` (``b``), ``"num_classes"``, ``"class_counts"``,
         ``"scales"`` and ``"hessian_scales"``.
     """
-    num_classes = _check_count(num_classes, "num_classes", 2)
+    num_classes = check_count(num_classes, "num_classes", 2)
     data = multiscale_inputs(num_samples, dims, scales, rotate=rotate, seed=seed, dtype=dtype)
     gen = torch.Generator().manual_seed(data.seed + 1)
     teacher = torch.randn(data.dim, num_classes, generator=gen, dtype=torch.float64)
@@ -305,7 +301,7 @@ def _finish_real(
     y = torch.as_tensor(np.asarray(target, dtype=np.int64))
     n = x.shape[0]
     if num_samples is not None:
-        num_samples = _check_count(num_samples, "num_samples", 1)
+        num_samples = check_count(num_samples, "num_samples", 1)
         if num_samples > n:
             raise ValueError(f"num_samples must be at most {n} (the size of {name}), got {num_samples}")
         if seed is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from mrgd_ext._validation import check_count
 from mrgd_ext.ops.registry import OPS, has_kernel
 
 _OP = OPS["block_orthogonalize_"]
@@ -62,8 +63,7 @@ def block_orthogonalize_(
         raise TypeError(f"basis ({basis.dtype}) and vectors ({vectors.dtype}) must share one dtype")
     if basis.device != vectors.device:
         raise ValueError(f"basis is on {basis.device} but vectors is on {vectors.device}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
+    rounds = check_count(rounds, "rounds", 0)
     if vectors.numel() and basis.numel() and vectors.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr():
         raise ValueError("vectors must not share memory with basis (it is written in place)")
     if vectors.device.type == "cuda" and vectors.shape[0] > CUDA_MAX_VECTORS:

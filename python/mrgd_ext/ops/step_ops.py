@@ -17,6 +17,7 @@ import mrgd_ext._C as _C
 from mrgd_ext._validation import (
     check_amp_flags,
     check_basis,
+    check_finite_scalar,
     check_param_grad_lists,
     coefficient_dtype,
 )
@@ -56,15 +57,17 @@ def multirate_step_(
 
     ``g_i = grads[i] / grad_scale`` (negated when ``maximize``); nothing changes when ``found_inf`` is
     non-zero. All tensors share one device and dtype (float32/float64/float16/bfloat16; the low precisions
-    are computed in float32) and are contiguous.
+    are computed in float32) and are contiguous. ``lr`` and ``weight_decay`` are finite Python floats.
     """
+    lr = check_finite_scalar(lr, "lr")
+    weight_decay = check_finite_scalar(weight_decay, "weight_decay")
     params, grads = list(params), list(grads)
     check_param_grad_lists(params, grads)
     check_amp_flags(grad_scale, found_inf, _device_of(params))
     if not params:  # nothing to update, and no tensor for the dispatcher to pick a device from
         return
     torch.ops.mrgd_ext.multirate_step_(
-        params, grads, float(lr), float(weight_decay), bool(maximize), grad_scale, found_inf
+        params, grads, lr, weight_decay, bool(maximize), grad_scale, found_inf
     )
 
 
@@ -80,14 +83,15 @@ def subspace_project(
     """``U^T geff`` for the basis ``U = basis`` of shape [r, n_total] over the flat concatenation of params.
 
     ``geff = grads / grad_scale (negated when maximize) + weight_decay * params``. Returns shape [r] in
-    float32 (float64 for float64 parameters).
+    float32 (float64 for float64 parameters). ``weight_decay`` is a finite Python float.
     """
+    weight_decay = check_finite_scalar(weight_decay, "weight_decay")
     params, grads = list(params), list(grads)
     check_param_grad_lists(params, grads)
     check_basis(basis, sum(p.numel() for p in params), _device_of(params))
     check_amp_flags(grad_scale, None, _device_of(params))
     coeffs: torch.Tensor = torch.ops.mrgd_ext.subspace_project(
-        params, grads, basis, float(weight_decay), bool(maximize), grad_scale
+        params, grads, basis, weight_decay, bool(maximize), grad_scale
     )
     return coeffs
 
@@ -104,7 +108,12 @@ def subspace_step_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
 ) -> None:
-    """In place: ``p -= lr * geff + U^T coeffs`` (element i gets ``sum_k basis[k, i] * coeffs[k]``)."""
+    """In place: ``p -= lr * geff + U^T coeffs`` (element i gets ``sum_k basis[k, i] * coeffs[k]``).
+
+    ``lr`` and ``weight_decay`` are finite Python floats.
+    """
+    lr = check_finite_scalar(lr, "lr")
+    weight_decay = check_finite_scalar(weight_decay, "weight_decay")
     params, grads = list(params), list(grads)
     check_param_grad_lists(params, grads)
     device = _device_of(params)
@@ -118,6 +127,6 @@ def subspace_step_(
             )
     check_amp_flags(grad_scale, found_inf, device)
     torch.ops.mrgd_ext.subspace_step_(
-        params, grads, basis, coeffs.contiguous(), float(lr), float(weight_decay), bool(maximize),
+        params, grads, basis, coeffs.contiguous(), lr, weight_decay, bool(maximize),
         grad_scale, found_inf,
     )

@@ -70,6 +70,7 @@ from typing import Any, TypedDict
 
 import torch
 
+from mrgd_ext._validation import check_bool, check_count, check_finite_scalar, check_int, check_positive_rate
 from mrgd_ext.curvature.distributed import DistributedOperator
 from mrgd_ext.curvature.estimate import (
     CurvatureEstimate,
@@ -163,10 +164,47 @@ def _positive(value: Any, name: str, *, upper: float | None = None) -> float:
     return v
 
 
-def _count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+# The "multirate_auto" entry of the optimizer state: field -> (required, check).  Counts are integers >= 0 (the
+# refresh interval >= 1), losses None (before the first check point) or finite, the scale to return to a
+# finite rate multiplier > 0.
+_AUTO_STATE_FIELDS: dict[str, tuple[bool, Callable[[Any, str], Any]]] = {
+    "step": (True, lambda v, n: check_int(v, n, 0)),
+    "last_estimate": (True, lambda v, n: check_int(v, n, 0)),
+    "since_check": (True, lambda v, n: check_int(v, n, 0)),
+    "backoffs": (True, lambda v, n: check_int(v, n, 0)),
+    "interval": (True, lambda v, n: check_int(v, n, 1)),
+    "safe_entries": (False, lambda v, n: check_int(v, n, 0)),
+    "ref_loss": (True, lambda v, n: None if v is None else check_finite_scalar(v, n)),
+    "best_loss": (False, lambda v, n: None if v is None else check_finite_scalar(v, n)),
+    "remeasure": (True, check_bool),
+    "normal_lr_scale": (True, check_positive_rate),
+    # The accelerated subspace step's momentum counter and last loss (NOTE: [accelerated subspace step]).
+    "momentum_steps": (False, lambda v, n: check_int(v, n, 0)),
+    "previous_loss": (False, lambda v, n: None if v is None else check_finite_scalar(v, n)),
+    # The secant back-off's probe (NOTE: [secant back-off]) and whether the estimate belongs to the check point.
+    "probe_slope": (False, lambda v, n: None if v is None else check_finite_scalar(v, n)),
+    "estimate_at_snapshot": (False, check_bool),
+}
+
+
+def _checked_auto_state(auto: Any, name: str) -> dict[str, Any]:
+    """The AutoMrGD state entry with every field checked (types, finiteness, ranges), as plain Python values;
+    TypeError/ValueError/KeyError naming the field otherwise."""
+    if not isinstance(auto, dict):
+        raise TypeError(f"{name} must be a dict, got {type(auto).__name__}")
+    unknown = sorted(str(k) for k in auto if k not in _AUTO_STATE_FIELDS)
+    if unknown:
+        raise ValueError(f"{name} has unknown fields {', '.join(unknown)}")
+    out = {}
+    for field, (required, check) in _AUTO_STATE_FIELDS.items():
+        if field not in auto:
+            if required:
+                raise KeyError(f"{name} has no {field!r} field")
+            continue
+        out[field] = check(auto[field], f"{name}[{field!r}]")
+    if out["last_estimate"] > out["step"]:
+        raise ValueError(f"{name}['last_estimate'] = {out['last_estimate']} is after {name}['step'] = {out['step']}")
+    return out
 
 
 class AutoMrGD(MrGD):
@@ -308,12 +346,12 @@ class AutoMrGD(MrGD):
             raise ValueError(f"rate_rule must be 'safe' or 'optimal', got {rate_rule!r}")
         self.hessian = hessian
         self.mode = mode
-        self.refresh_every = _count(refresh_every, "refresh_every", 1)
+        self.refresh_every = check_count(refresh_every, "refresh_every", 1)
         self.max_refresh_interval = (16 * self.refresh_every if max_refresh_interval is None
-                                     else _count(max_refresh_interval, "max_refresh_interval", self.refresh_every))
+                                     else check_count(max_refresh_interval, "max_refresh_interval", self.refresh_every))
         self.gradient_history = bool(gradient_history) and mode == "temporal"
-        self.check_every = _count(check_every, "check_every", 1)
-        self.max_backoffs = _count(max_backoffs, "max_backoffs", 0)
+        self.check_every = check_count(check_every, "check_every", 1)
+        self.max_backoffs = check_count(max_backoffs, "max_backoffs", 0)
         self.backoff = _positive(backoff, "backoff", upper=1.0)
         if self.backoff >= 1.0:
             raise ValueError(f"backoff must be < 1 (the factor rates shrink by after a violation), got {backoff}")
@@ -335,8 +373,8 @@ class AutoMrGD(MrGD):
         self._direction: list[torch.Tensor] | None = None  # scratch for the accelerated step's -P g
         self.seed = int(seed)
         self._measure_kwargs: _MeasureKwargs = {
-            "num_eigs": _count(num_eigs, "num_eigs", 0),
-            "block_size": _count(block_size, "block_size", 1),
+            "num_eigs": check_count(num_eigs, "num_eigs", 0),
+            "block_size": check_count(block_size, "block_size", 1),
             "lanczos_tol": self._lanczos_tol(lanczos_tol, mode, params[0].dtype),
             # Subspace mode checks the complement of its basis itself (NOTE: [complement curvature]), so
             # Lanczos's own verification would measure the same thing twice.
@@ -345,9 +383,9 @@ class AutoMrGD(MrGD):
             # The SLQ density gives the shape of the spectrum below the Ritz values: temporal mode plans its
             # cycle on it, and subspace mode needs it only for group rates; with rates per Ritz value the
             # complement's top (measured directly) is all the base rate needs.
-            "density_probes": (_count(density_probes, "density_probes", 0) if density_probes is not None
+            "density_probes": (check_count(density_probes, "density_probes", 0) if density_probes is not None
                                else 0 if mode == "subspace" and subspace_rates == "ritz" else 2),
-            "density_order": _count(density_order, "density_order", 1),
+            "density_order": check_count(density_order, "density_order", 1),
             "min_gap": min_gap,
             "floor": floor,
             "max_groups": max_groups,
@@ -364,7 +402,7 @@ class AutoMrGD(MrGD):
         self.history_max_curvature = 0.0  # largest secant curvature of small steps since the last measurement
         self.basis_rounding_error = 0.0
         self.basis_rounding_margin = BASIS_ROUNDING_MARGIN
-        self.max_cycle_length = self.refresh_every if max_cycle_length is None else _count(
+        self.max_cycle_length = self.refresh_every if max_cycle_length is None else check_count(
             max_cycle_length, "max_cycle_length", 1)
 
         estimate, plan = self._measure(params, step=0, reason="start")
@@ -556,6 +594,25 @@ class AutoMrGD(MrGD):
         self._reset_momentum()
         peak = plan.peak_amplification if self.mode == "temporal" or self._safe_plan else 1.0
         self._growth_bound = self.max_loss_growth or min(10.0 * peak * peak, 1e30)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` after checking all of it: the MrGD fields (see
+        :meth:`MrGD.load_state_dict`) and the ``"multirate_auto"`` entry (step counters, refresh interval, back-off
+        count, reference and best losses, ...).
+
+        Raises TypeError/ValueError/KeyError naming the field; the optimizer is unchanged then.  The plan and the
+        curvature estimate are not part of the state: they stay those measured at construction (or since).
+        """
+        state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        auto = None
+        if isinstance(state, dict):  # anything else: MrGD.load_state_dict names the problem
+            if _AUTO_KEY not in state:
+                raise KeyError(
+                    f"state_dict['state'] has no {_AUTO_KEY!r} entry (not a state from AutoMrGD.state_dict())")
+            auto = _checked_auto_state(state[_AUTO_KEY], f"state_dict['state'][{_AUTO_KEY!r}]")
+        super().load_state_dict(state_dict)
+        if auto is not None:  # a copy of its own: stepping must not write into the caller's state_dict
+            self.state[_AUTO_KEY] = auto
 
     # ----------------------------------------------------------------------------------------------
     # The accelerated subspace step
