@@ -16,8 +16,11 @@ spectrum estimator of docs/design.md section 1.5:
 * each pair converges relative to its own value (NOTE: [relative residuals]); once all wanted pairs have, they
   are locked and a fresh random block checks their orthogonal complement for a missed eigenvalue
   (NOTE: [verification]);
-* at the end the residuals ``|H y_i - theta_i y_i|`` are recomputed with ``k`` more operator applications
-  (``recompute_residuals=True``, the default) and the ``converged`` flags use those honest values.
+* a cold start runs single vectors and widens the block (up to ``block_size``) when the verification finds
+  a missed eigenvalue (NOTE: [adaptive block]);
+* at the end the residuals ``|H y_i - theta_i y_i|`` are recomputed from the operator's stored products (no
+  extra application, NOTE: [stored products]) or, with ``recompute_residuals="apply"``, with ``k`` more
+  applications; the ``converged`` flags use those honest values.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrgd_ext.curvature.krylov import ORTHOGONALIZERS, BlockKrylov, CountingApply, orthogonalizer
+from mrgd_ext.curvature.krylov import ORTHOGONALIZERS, BlockKrylov, CountingApply, host_eigh, orthogonalizer
 from mrgd_ext.curvature.operator import LinearOperator, as_operator
 
 __all__ = ["lanczos", "LanczosResult", "WHICH", "ORTHOGONALIZERS"]
 
 #: Values accepted for ``which=``.
 WHICH: tuple[str, ...] = ("largest", "smallest", "both")
+
+#: Values accepted for ``recompute_residuals=`` (True means "products").
+RECOMPUTE: tuple[object, ...] = (True, False, "products", "apply")
 
 
 
@@ -52,8 +58,9 @@ class LanczosResult:
     Attributes:
         eigenvalues: [k] float64 (CPU), sorted descending.
         eigenvectors: [k, n] in the operator's dtype and device; orthonormal rows.
-        residuals: [k] float64, ``|H y_i - theta_i y_i|`` recomputed with ``k`` extra operator applications
-            when ``recompute_residuals=True`` (the default), else equal to ``residual_estimates``.
+        residuals: [k] float64, ``|H y_i - theta_i y_i|`` recomputed from the stored products
+            (``recompute_residuals=True``, the default) or with ``k`` extra operator applications
+            (``"apply"``); with ``False`` equal to ``residual_estimates``.
         residual_estimates: [k] float64, the Lanczos estimates ``|S^T s_i|`` at the last iteration.
         converged: [k] bool, ``(residuals <= thresholds) & verified`` (the guarantee of :func:`lanczos`).
         thresholds: [k] float64, ``max(tol |theta_i|, max(1e-3 tol, 100 eps) scale)`` (NOTE: [relative
@@ -61,7 +68,7 @@ class LanczosResult:
         verified: the verification in the orthogonal complement of the converged pairs passed
             (NOTE: [verification]).
         scale: largest ``|theta|`` seen over the run (an estimate of ``|H|_2``).
-        num_hvps: operator applications requested, one per vector (including the ``k`` of the
+        num_hvps: operator applications requested, one per vector (including the ``k`` of an ``"apply"``
             recomputation; a HessianOperator's own first-use determinism check, two products, is not counted).
         num_iterations: block iterations (each applies the operator to one block).
         basis_size: rows of the final Krylov basis.
@@ -196,10 +203,11 @@ def lanczos(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     orthogonalize: str = "auto",
-    recompute_residuals: bool = True,
+    recompute_residuals: bool | str = True,
     start: torch.Tensor | None = None,
     max_basis: int | None = None,
     verify: bool = True,
+    adaptive_block: bool = True,
 ) -> LanczosResult:
     """The ``k`` extreme eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
@@ -219,8 +227,11 @@ def lanczos(
             a symmetric matrix ``[n, n]`` (tensor or numpy array), or a callable mapping a block ``[b, n]`` to
             ``[b, n]`` (then pass ``n=``; ``dtype``/``device`` default to float64/CPU).
         k: number of eigenpairs, ``1 <= k <= n``.
-        block_size: vectors per block (``b``); larger blocks apply the operator to several vectors at once
-            (one vmapped Hessian-vector product) and resolve clusters and multiplicities better.
+        block_size: most vectors per block (``b``); blocks apply the operator to several vectors at once
+            (one vmapped Hessian-vector product) and resolve clusters and multiplicities, but need more
+            products than single vectors for simple eigenvalues. With ``adaptive_block`` (the default) a
+            cold start runs single vectors and widens the block up to ``block_size`` once the verification
+            has found a missed eigenvalue (NOTE: [adaptive block]).
         max_iters: most block iterations (operator applications on a block, verification included); default
             ``ceil(max(50 k, 1000) / block_size)``.
         tol: relative residual tolerance per eigenpair (see the guarantee); default 1e-6 for float64
@@ -230,16 +241,20 @@ def lanczos(
         seed: seed of the CPU generator that draws the start block (and any deflation or verification block).
         orthogonalize: ``"auto"`` (the fused kernel where it was measured faster, NOTE: [orthogonaliser
             choice]), ``"kernel"`` (on CUDA: ``block_size`` <= 32) or ``"torch"``.
-        recompute_residuals: recompute ``|H y - theta y|`` for the returned pairs (``k`` more applications);
-            without it ``residuals`` are the Lanczos estimates.
+        recompute_residuals: recompute ``|H y - theta y|`` for the returned pairs. ``True`` (or
+            ``"products"``): from the operator outputs kept for every basis vector (no extra application;
+            twice the basis memory, NOTE: [stored products]); ``"apply"``: ``k`` more applications;
+            ``False``: ``residuals`` are the Lanczos estimates.
         start: warm start, ``[s, n]`` vectors the first block is built from (e.g. the ``eigenvectors`` of
             an earlier run on a nearby operator). With ``s >= block_size`` the start block is ``block_size``
             seeded random combinations of them (so every start vector is represented), with ``s <
             block_size`` it is the vectors themselves completed by random rows (NOTE: [warm start]).
-        max_basis: most basis vectors kept (memory ``max_basis * n`` elements); when full, the basis is
-            thick-restarted (NOTE: [thick restart]). Default ``min(n, max(4 k, 40) + 2 block_size)``; at least
-            ``k + 2 block_size`` unless it is ``n``.
+        max_basis: most basis vectors kept (memory ``max_basis * n`` elements, twice that with the stored
+            products); when full, the basis is thick-restarted (NOTE: [thick restart]). Default
+            ``min(n, max(4 k, 40) + 2 block_size)``; at least ``k + 2 block_size`` unless it is ``n``.
         verify: run the verification (b); without it ``verified`` is False and ``converged`` is (a) only.
+        adaptive_block: start a cold run with one vector and widen on missed eigenvalues (default), or use
+            ``block_size`` vectors for every product (NOTE: [adaptive block]).
 
     Returns:
         :class:`LanczosResult` (eigenvalues descending).
@@ -269,14 +284,29 @@ def lanczos(
         if capacity < A.n and capacity < k + 2 * b:
             raise ValueError(f"max_basis={max_basis} must be >= k + 2 block_size = {k + 2 * b} (or >= n)")
     kind, orth = orthogonalizer(orthogonalize, A.device, A.dtype, b)
+    if recompute_residuals not in RECOMPUTE:
+        raise ValueError(f"recompute_residuals must be one of {RECOMPUTE}, got {recompute_residuals!r}")
+    from_products = recompute_residuals is True or recompute_residuals == "products"
+    if not isinstance(adaptive_block, bool):
+        raise TypeError(f"adaptive_block must be a bool, got {type(adaptive_block).__name__}")
 
     t_start = time.perf_counter()
     apply = CountingApply(A)
     gen = torch.Generator().manual_seed(int(seed))
-    K = BlockKrylov(A, capacity, orth, gen)
+    K = BlockKrylov(A, capacity, orth, gen, keep_products=from_products)
     eps = float(torch.finfo(A.dtype).eps)
 
-    K.extend(_start_block(K, start, b, A), scale=0.0)
+    # NOTE: [adaptive block]
+    # Per product, a single-vector Krylov space reaches a simple extreme eigenvalue faster than a block one
+    # (degree m instead of m / b polynomials); blocks pay off for multiplicities and tight clusters, which a
+    # single vector cannot resolve (it holds one direction of each eigenspace). So a cold start begins with
+    # one vector and the block widens (doubling, at most block_size) each time the verification finds an
+    # eigenvalue the space had missed, the signature of a multiplicity or cluster. A warm start, which
+    # already spans a subspace, keeps block_size. adaptive_block=False keeps block_size throughout (fewer
+    # operator calls for more products: the faster choice where a block product costs little more than a
+    # single one, e.g. large batches on a GPU).
+    b_act = 1 if adaptive_block and start is None else b
+    K.extend(_start_block(K, start, b_act, A), scale=0.0)
     scale = 0.0
     history: list[tuple[int, int, float, float]] = []
     iterations = restarts = verifications = 0
@@ -289,6 +319,7 @@ def lanczos(
     while True:
         s, e = K.blocks[-1]
         W = apply(K.Q[s:e])
+        K.record_products((s, e), W)
         iterations += 1
         coeffs, S = K.extend(W, scale)
         # The alpha block Q_j H Q_j^T is the projection of W on Q_j (both CGS rounds), symmetrised: T is
@@ -297,7 +328,7 @@ def lanczos(
         K.T[s:e, s:e] = 0.5 * (alpha + alpha.T)
         if S.shape[1]:
             K.set_coupling((s, e), K.blocks[-1], S)
-        theta, svec = np.linalg.eigh(K.T[:e, :e])
+        theta, svec = host_eigh(K.T[:e, :e])
         scale = max(scale, float(np.abs(theta).max()))
         idx = _wanted(theta, k, which)
         # Residual estimates of every Ritz pair: |S^T s_i| (s_i: rows of the last multiplied block of the
@@ -339,6 +370,10 @@ def lanczos(
                     ok = False
             if missed:
                 locked = 0
+                if b_act < b:  # NOTE: [adaptive block]
+                    b_act = min(b, 2 * b_act)
+                s2, e2 = K.blocks[-1]
+                K.widen_last_block(b_act - (e2 - s2))
             elif ok:
                 verified = True
                 idx = np.concatenate([L[::-1][:n_top], L[: k - n_top][::-1]])
@@ -377,9 +412,12 @@ def lanczos(
     Y = K._combine(svec[:, idx].T, K.Q[:e])  # Ritz vectors [k, n]
     res_est = torch.from_numpy(estimates[idx].copy())
     if recompute_residuals:
-        R = torch.empty_like(Y)
-        for i in range(0, Y.shape[0], b):
-            R[i : i + b] = apply(Y[i : i + b])
+        if from_products:
+            R = K.apply_combination(svec[:, idx], e)  # NOTE: [stored products]
+        else:
+            R = torch.empty_like(Y)
+            for i in range(0, Y.shape[0], b):
+                R[i : i + b] = apply(Y[i : i + b])
         lam = torch.from_numpy(theta_w.copy()).to(device=A.device, dtype=A.dtype)
         R -= lam[:, None] * Y
         residuals = torch.linalg.vector_norm(R.double(), dim=1).cpu()
