@@ -16,7 +16,7 @@ spectrum estimator of docs/design.md section 1.5:
 * each pair converges relative to its own value (NOTE: [relative residuals]); once all wanted pairs have, they
   are locked and a fresh random block checks their orthogonal complement for a missed eigenvalue
   (NOTE: [verification]);
-* a cold start runs single vectors and widens the block (up to ``block_size``) when the verification finds
+* the run starts with single vectors and widens the block (up to ``block_size``) when the verification finds
   a missed eigenvalue (NOTE: [adaptive block]);
 * at the end the residuals ``|H y_i - theta_i y_i|`` are recomputed from the operator's stored products (no
   extra application, NOTE: [stored products]) or, with ``recompute_residuals="apply"``, with ``k`` more
@@ -230,7 +230,7 @@ def lanczos(
         block_size: most vectors per block (``b``); blocks apply the operator to several vectors at once
             (one vmapped Hessian-vector product) and resolve clusters and multiplicities, but need more
             products than single vectors for simple eigenvalues. With ``adaptive_block`` (the default) a
-            cold start runs single vectors and widens the block up to ``block_size`` once the verification
+            run starts with single vectors and widens the block up to ``block_size`` once the verification
             has found a missed eigenvalue (NOTE: [adaptive block]).
         max_iters: most block iterations (operator applications on a block, verification included); default
             ``ceil(max(50 k, 1000) / block_size)``.
@@ -246,14 +246,15 @@ def lanczos(
             twice the basis memory, NOTE: [stored products]); ``"apply"``: ``k`` more applications;
             ``False``: ``residuals`` are the Lanczos estimates.
         start: warm start, ``[s, n]`` vectors the first block is built from (e.g. the ``eigenvectors`` of
-            an earlier run on a nearby operator). With ``s >= block_size`` the start block is ``block_size``
-            seeded random combinations of them (so every start vector is represented), with ``s <
-            block_size`` it is the vectors themselves completed by random rows (NOTE: [warm start]).
+            an earlier run on a nearby operator). With ``s >= b`` (``b``: 1 with ``adaptive_block``, else
+            ``block_size``) the start block is ``b`` seeded random combinations of them (so every start
+            vector is represented), with ``s < b`` it is the vectors themselves completed by random rows
+            (NOTE: [warm start]).
         max_basis: most basis vectors kept (memory ``max_basis * n`` elements, twice that with the stored
             products); when full, the basis is thick-restarted (NOTE: [thick restart]). Default
             ``min(n, max(4 k, 40) + 2 block_size)``; at least ``k + 2 block_size`` unless it is ``n``.
         verify: run the verification (b); without it ``verified`` is False and ``converged`` is (a) only.
-        adaptive_block: start a cold run with one vector and widen on missed eigenvalues (default), or use
+        adaptive_block: start with one vector and widen on missed eigenvalues (default), or use
             ``block_size`` vectors for every product (NOTE: [adaptive block]).
 
     Returns:
@@ -299,13 +300,15 @@ def lanczos(
     # NOTE: [adaptive block]
     # Per product, a single-vector Krylov space reaches a simple extreme eigenvalue faster than a block one
     # (degree m instead of m / b polynomials); blocks pay off for multiplicities and tight clusters, which a
-    # single vector cannot resolve (it holds one direction of each eigenspace). So a cold start begins with
+    # single vector cannot resolve (it holds one direction of each eigenspace). So a run begins with
     # one vector and the block widens (doubling, at most block_size) each time the verification finds an
-    # eigenvalue the space had missed, the signature of a multiplicity or cluster. A warm start, which
-    # already spans a subspace, keeps block_size. adaptive_block=False keeps block_size throughout (fewer
+    # eigenvalue the space had missed, the signature of a multiplicity or cluster. A warm start begins with
+    # one random combination of the start vectors: its Krylov space picks up every start direction within as
+    # many steps (measured: 17 products for 8 pairs of a perturbed operator, against 29 for a block of 4
+    # combinations and 20 from a cold single vector). adaptive_block=False keeps block_size throughout (fewer
     # operator calls for more products: the faster choice where a block product costs little more than a
     # single one, e.g. large batches on a GPU).
-    b_act = 1 if adaptive_block and start is None else b
+    b_act = 1 if adaptive_block else b
     K.extend(_start_block(K, start, b_act, A), scale=0.0)
     scale = 0.0
     history: list[tuple[int, int, float, float]] = []
