@@ -210,6 +210,12 @@ def test_verification_bound_needs_enough_steps():
     # The default (verify_steps=1) passes the screen after a few products, too few to bound anything.
     res = lanczos(spectrum_matrix(bulk_spectrum(), seed=3), 3, seed=0)
     assert res.all_converged and res.verification_bounds == (-np.inf, np.inf)
+    # A thick restart inside the verification keeps no Krylov space of the fresh vector: no bound; the
+    # locked pairs are still returned in descending order with estimates that match the true residuals.
+    res = lanczos(spectrum_matrix(bulk_spectrum(), seed=3), 3, max_basis=14, verify_steps=24)
+    assert res.restarts > 0 and res.all_converged and res.verification_bounds == (-np.inf, np.inf)
+    np.testing.assert_allclose(res.eigenvalues.numpy(), [10.0, 8.0, 7.0], rtol=1e-9)
+    torch.testing.assert_close(res.residual_estimates, res.residuals, rtol=1e-4, atol=1e-12)
     # A basis spanning the whole space makes the bound exact: the rest of the spectrum.
     eigs = np.arange(12.0)
     full = lanczos(spectrum_matrix(eigs, seed=0), 3, tol=1e-12, max_basis=12)
