@@ -211,6 +211,8 @@ def test_bad_input_errors_name_the_argument():
         lanczos(A, 2, recompute_residuals="twice")
     with pytest.raises(TypeError, match="adaptive_block"):
         lanczos(A, 2, adaptive_block="yes")
+    with pytest.raises(ValueError, match="verify_steps must be >= 1"):
+        lanczos(A, 2, verify_steps=0)
 
 
 class _BlockSizes:
