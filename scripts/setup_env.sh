@@ -28,6 +28,9 @@ fi
 installed_torch="torch==$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
 "${pip[@]}" "$installed_torch" numpy "pybind11>=2.12" "scikit-build-core>=0.10" "cmake>=3.26" ninja \
   pytest pytest-timeout hypothesis scipy scikit-learn matplotlib tqdm ruff mypy curvlinops-for-pytorch
+# Benchmark-only comparison libraries (benchmarks/bench_lanczos.py --problem wine); --no-deps so they cannot
+# move torch (their own dependencies, numpy, scipy, torch and tqdm, are installed above).
+"${pip[@]}" --no-deps "pyhessian==0.1" "hessian-eigenthings==1.0.0a5"
 
 echo "[setup] building mrgd_ext against $("$py" -c 'import torch; print(torch.__version__)')"
 ( cd "$repo" && "${pip[@]}" --no-build-isolation --no-deps . )

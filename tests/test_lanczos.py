@@ -168,8 +168,13 @@ def test_breakdown_and_rank_deficiency_are_deflated():
 def test_timing_and_counters():
     A = spectrum_matrix(separated_spectrum(seed=6), seed=6)
     res = lanczos(A, 2, block_size=3, tol=1e-8)
-    # Every product of the iterations is in the history; the final recompute adds 2.
-    assert res.num_hvps == res.history[-1][1] + 2
+    # Every product is in the history: the final residuals come from the stored products (NOTE: [stored
+    # products]), no extra application.
+    assert res.num_hvps == res.history[-1][1]
+    applied = lanczos(A, 2, block_size=3, tol=1e-8, recompute_residuals="apply")
+    assert applied.num_hvps == applied.history[-1][1] + 2  # ...or k more applications when asked for
+    # Both are |H y - theta y| of the same Ritz vectors, up to rounding of the products (~eps |H|).
+    torch.testing.assert_close(applied.residuals, res.residuals, rtol=0, atol=1e-12 * res.scale)
     assert res.verifications >= 1 and res.verified
     assert res.hvp_time > 0 and res.other_time > 0
     assert res.total_time == pytest.approx(res.hvp_time + res.other_time)
@@ -202,6 +207,41 @@ def test_bad_input_errors_name_the_argument():
         lanczos("matrix", 2)
     with pytest.raises(ValueError, match="max_iters"):
         lanczos(A, 2, max_iters=0)
+    with pytest.raises(ValueError, match="recompute_residuals"):
+        lanczos(A, 2, recompute_residuals="twice")
+    with pytest.raises(TypeError, match="adaptive_block"):
+        lanczos(A, 2, adaptive_block="yes")
+    with pytest.raises(ValueError, match="verify_steps must be >= 1"):
+        lanczos(A, 2, verify_steps=0)
+
+
+class _BlockSizes:
+    """A matrix operator that records the number of vectors in each product."""
+
+    def __init__(self, A):
+        self.A, self.n, self.dtype, self.device, self.sizes = A, A.shape[0], A.dtype, A.device, []
+
+    def matmat(self, V):
+        self.sizes.append(V.shape[0])
+        return V @ self.A
+
+
+def test_adaptive_block_widens_only_for_missed_eigenvalues():
+    # Separated spectrum: single vectors all the way (NOTE: [adaptive block]); a 4-fold top eigenvalue: the
+    # verification finds the missed copies and the block widens to block_size; adaptive_block=False keeps
+    # block_size for every product.
+    sep = _BlockSizes(spectrum_matrix(separated_spectrum(seed=8), seed=8))
+    res = lanczos(sep, 3, block_size=4, tol=1e-8)
+    assert res.all_converged and set(sep.sizes) == {1}
+    eigs = torch.cat([torch.full((4,), 10.0), torch.tensor([6.0, 5.0, 4.5]), torch.linspace(2.0, 0.0, 293)])
+    deg = _BlockSizes(spectrum_matrix(eigs.double(), seed=3))
+    res = lanczos(deg, 3, block_size=4, tol=1e-8)
+    assert res.all_converged and res.verifications >= 2 and max(deg.sizes) > 1
+    torch.testing.assert_close(res.eigenvalues, torch.full((3,), 10.0, dtype=torch.float64), rtol=1e-9, atol=0)
+    fixed = _BlockSizes(spectrum_matrix(separated_spectrum(seed=8), seed=8))
+    res = lanczos(fixed, 3, block_size=4, tol=1e-8, adaptive_block=False)
+    main = fixed.sizes[: fixed.sizes.index(1)]  # the verification then runs single vectors
+    assert res.all_converged and len(main) >= 2 and set(main) == {4}
 
 
 @pytest.mark.cuda

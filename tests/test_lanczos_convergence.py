@@ -152,3 +152,73 @@ def test_trained_mlp_default_call_matches_dense_eigh(wine, block_size):
     # Each value within its own threshold of the truth (NOTE: [relative residuals]).
     err = np.abs(res.eigenvalues.numpy() - exact[:10])
     assert (err <= res.thresholds.numpy()).all(), (err, res.thresholds)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The quantitative verification bound (guarantee (c) of lanczos, NOTE: [verification bound])
+
+
+def bulk_spectrum(n=300, seed=0):
+    """Three separated top eigenvalues over a uniform bulk: the bulk's top converges slowly."""
+    g = np.random.default_rng(seed)
+    return np.concatenate([[10.0, 8.0, 7.0], np.sort(g.uniform(0.0, 5.0, n - 3))[::-1]])
+
+
+def complement_spectrum(A, Y):
+    """Eigenvalues of A restricted to the orthogonal complement of the rows of Y (dense, independent)."""
+    n, k = A.shape[0], Y.shape[0]
+    g = torch.Generator().manual_seed(123)
+    basis, _ = torch.linalg.qr(torch.cat([Y.T, torch.randn(n, n - k, generator=g, dtype=torch.float64)], 1))
+    Z = basis[:, k:]
+    return torch.linalg.eigvalsh(Z.T @ A @ Z).numpy()
+
+
+@pytest.mark.parametrize("spectrum,k", [(degenerate_spectrum, 6), (clustered_spectrum, 10), (bulk_spectrum, 3)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_verification_bounds_hold_and_certify_the_top_k(spectrum, k, seed):
+    eigs = spectrum()
+    A = spectrum_matrix(eigs, seed=seed + 3)
+    res = lanczos(A, k, seed=seed, verify_steps=24)
+    assert res.all_converged
+    lo, hi = res.verification_bounds
+    mu = complement_spectrum(A, res.eigenvectors)
+    # The stated interval holds the complement's spectrum (it fails with probability <= 1%; the Ritz values
+    # of the fresh space alone lie strictly inside the bulk, so a bound without its padding fails here).
+    # 1e-10 |H|: rounding of the dense reference.
+    slack = 1e-10 * float(np.abs(eigs).max())
+    assert lo <= mu.min() + slack and mu.max() <= hi + slack, (lo, mu.min(), mu.max(), hi)
+    # Informative: 24 products bound the complement within a quarter of its width, below the k-th value...
+    assert hi - mu.max() <= 0.25 * (mu.max() - mu.min())
+    assert hi < float(res.eigenvalues[-1])
+    # ...so the implication of (c) is a certificate: sorted errors within |R|_F (plus rounding of the truth).
+    bound = float(torch.linalg.vector_norm(res.residuals)) + max(0.0, hi - float(res.eigenvalues[-1]))
+    err = np.abs(np.sort(res.eigenvalues.numpy())[::-1] - np.sort(eigs)[::-1][:k])
+    assert err.max() <= bound + slack
+
+
+def test_verification_bound_needs_enough_steps():
+    from mrgd_ext.curvature.lanczos import VERIFY_CONFIDENCE, _verification_bounds
+
+    assert VERIFY_CONFIDENCE == 0.99
+    T = np.diag([1.0, 2.0, 3.0])
+    # Finite from j > 1/2 + ln(2 * 1.648 sqrt(N) / 0.01) / sqrt(2) steps: 6.6 for N = 300.
+    assert _verification_bounds(T, 6, 300) == (-np.inf, np.inf)
+    lo, hi = _verification_bounds(T, 7, 300)
+    e = (np.log(2 * 1.648 * np.sqrt(300) / 0.01) / 13) ** 2
+    pad = e / (1 - 2 * e) * 2.0
+    assert lo == pytest.approx(1.0 - pad, rel=1e-12) and hi == pytest.approx(3.0 + pad, rel=1e-12)
+    # The default (verify_steps=1) passes the screen after a few products, too few to bound anything.
+    res = lanczos(spectrum_matrix(bulk_spectrum(), seed=3), 3, seed=0)
+    assert res.all_converged and res.verification_bounds == (-np.inf, np.inf)
+    # A thick restart inside the verification keeps no Krylov space of the fresh vector: no bound; the
+    # locked pairs are still returned in descending order with estimates that match the true residuals.
+    res = lanczos(spectrum_matrix(bulk_spectrum(), seed=3), 3, max_basis=14, verify_steps=24)
+    assert res.restarts > 0 and res.all_converged and res.verification_bounds == (-np.inf, np.inf)
+    np.testing.assert_allclose(res.eigenvalues.numpy(), [10.0, 8.0, 7.0], rtol=1e-9)
+    torch.testing.assert_close(res.residual_estimates, res.residuals, rtol=1e-4, atol=1e-12)
+    # A basis spanning the whole space makes the bound exact: the rest of the spectrum.
+    eigs = np.arange(12.0)
+    full = lanczos(spectrum_matrix(eigs, seed=0), 3, tol=1e-12, max_basis=12)
+    lo, hi = full.verification_bounds
+    assert full.basis_size == 12 and full.verified
+    assert lo == pytest.approx(0.0, abs=1e-9) and hi == pytest.approx(8.0, abs=1e-9)

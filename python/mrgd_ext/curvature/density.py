@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mrgd_ext._validation import check_int
-from mrgd_ext.curvature.krylov import CountingApply, probe_tridiagonals
+from mrgd_ext.curvature.krylov import CountingApply, host_eigh, probe_tridiagonals
 from mrgd_ext.curvature.operator import as_operator
 
 # Re-exported: the trace estimators used to live here.
@@ -133,7 +133,7 @@ def spectral_density(
     for p in range(num_probes):
         L = int(lengths[p])
         T = np.diag(alphas[p, :L]) + np.diag(betas[p, : L - 1], 1) + np.diag(betas[p, : L - 1], -1)
-        theta, S = np.linalg.eigh(T)
+        theta, S = host_eigh(T)
         nodes[p, :L] = theta
         weights[p, :L] = S[0] ** 2
     valid = weights > 0
