@@ -2,7 +2,8 @@
 
 The suite, in this order: bench_step.py (fused multirate and subspace steps vs torch.optim.SGD and the torch
 composition), bench_compile.py (the step and a training step under torch.compile, CPU), fig3.py (iteration
-counts of Figure 3), bench_training.py (AutoMrGD vs GD, heavy ball and Adam in training, CPU),
+counts of Figure 3), bench_training.py (AutoMrGD vs GD, heavy ball and Adam in training, CPU), bench_minibatch.py
+(AutoMrGD vs SGD-momentum and Adam with minibatches, CPU),
 bench_planner.py, and every bench_lanczos*.py present. Each runs in its
 own process with the same interpreter; its output goes to OUT/logs/<name>.log, its result files (JSON +
 markdown) to OUT, and summary.md in OUT lists what ran (command, status, time, files) followed by the
@@ -45,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 #: Where benchmarks write when not given --out (the tables the README quotes).
 DEFAULT_RESULTS = HERE / "results"
 #: Benchmarks in the order they run; bench_lanczos*.py are added after these when present.
-FIXED_ORDER = ("bench_step", "bench_compile", "fig3", "bench_training", "bench_planner")
+FIXED_ORDER = ("bench_step", "bench_compile", "fig3", "bench_training", "bench_minibatch", "bench_planner")
 LANCZOS_GLOB = "bench_lanczos*.py"
 #: Smoke-size arguments for benchmarks that have no --quick option.
 QUICK_ARGS = {"fig3": ["--seeds", "1"]}
