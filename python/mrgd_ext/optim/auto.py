@@ -98,6 +98,8 @@ ACCELERATIONS: tuple[str | None, ...] = ("nesterov", None)
 #: rounding]). On quadratics with groups 1e4 apart and a bfloat16 basis (three seeds) 1.0 still converged
 #: without a back-off and 2.0 diverged; 0.5 keeps a factor of 4 (tests/test_auto.py).
 BASIS_ROUNDING_MARGIN = 0.5
+#: Up to this many parameters the default basis spans all of them (NOTE: [small problems]).
+SMALL_PROBLEM = 32
 #: Largest norm of the coupling between the basis and its complement in the preconditioned Hessian
 #: (NOTE: [basis accuracy]).
 RESIDUAL_COUPLING = 0.25
@@ -233,9 +235,10 @@ class AutoMrGD(MrGD):
             measured residuals cap the base rate, so a loose basis costs speed, not stability: NOTE: [basis
             accuracy]). Subspace mode skips Lanczos's own verification (it measures the complement instead).
         num_eigs, block_size, density_probes, density_order, min_gap, floor, max_groups: what to measure,
-            see :func:`mrgd_ext.curvature.estimate_curvature` (``density_probes=None``: 2, or 0 in subspace mode
-            with ``subspace_rates="ritz"``, which needs no density: NOTE: [subspace density]; ``floor=None``: ten times the unit roundoff of
-            the operator's dtype, :func:`mrgd_ext.curvature.default_floor`). Subspace mode needs ``num_eigs >= 1``; the
+            see :func:`mrgd_ext.curvature.estimate_curvature` (``num_eigs=None``: 4, or all ``n`` parameters up
+            to ``SMALL_PROBLEM`` = 32: NOTE: [small problems]; ``density_probes=None``: 2, or 0 in subspace mode
+            with ``subspace_rates="ritz"``, which needs no density: NOTE: [subspace density]; ``floor=None``: ten
+            times the unit roundoff of the operator's dtype, :func:`mrgd_ext.curvature.default_floor`). Subspace mode needs ``num_eigs >= 1``; the
             basis costs ``num_eigs * n`` elements of ``basis_dtype`` (float32, bfloat16 or float64; default
             float64 for float64 parameters, float32 otherwise). A bfloat16 basis halves that memory but its
             rounding error (~2e-3) caps every rate at ``0.5 / (lambda_max * error)`` (NOTE: [basis rounding]),
@@ -275,7 +278,7 @@ class AutoMrGD(MrGD):
         refresh_every: int = 200,
         max_refresh_interval: int | None = None,
         gradient_history: bool = True,
-        num_eigs: int = 4,
+        num_eigs: int | None = None,
         block_size: int = 1,
         lanczos_tol: float | None = None,
         density_probes: int | None = None,
@@ -337,6 +340,12 @@ class AutoMrGD(MrGD):
             )
         if int(hessian.n) != sum(p.numel() for p in params):
             raise ValueError(f"hessian acts on n={hessian.n} but the parameters have {sum(p.numel() for p in params)}")
+        if num_eigs is None:
+            # NOTE: [small problems]
+            # Up to SMALL_PROBLEM parameters the basis spans the whole space: Lanczos then costs at most n
+            # products and the subspace step is Newton's step in the measured metric (no complement left to
+            # crawl along; on 11-parameter raw least squares four pairs left a complement of condition 1e5).
+            num_eigs = int(hessian.n) if int(hessian.n) <= SMALL_PROBLEM else 4
         if mode == "subspace" and num_eigs < 1:
             raise ValueError("mode='subspace' needs num_eigs >= 1 (the Ritz vectors are its basis)")
         if basis_dtype is None:
