@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown_header("Minibatch training: AutoMrGD (defaults) vs tuned SGD-momentum and Adam (CPU)", info)
     md += (f"\n{'QUICK grids (--quick). ' if args.quick else ''}{epochs} epochs, batch {args.batch}, torch threads "
            f"{args.threads}, {args.seeds} seeds, medians; times exclude the per-epoch full-batch loss and include "
-           f"AutoMrGD's construction and every curvature measurement. Total runtime {runtime:.0f} s.\n\n## Target check\n\n")
+           f"AutoMrGD's construction and every curvature measurement. Total runtime {runtime:.0f} s.\n\n"
+           "## Target check\n\n")
     for name, c in per.items():
         md += "".join(f"- {name}: **{'PASS' if i['pass'] else 'FAIL'}** {i['what']} ({i['detail']})\n"
                       for i in c["items"])

@@ -716,7 +716,8 @@ def _preconditioned_top(opt, H: torch.Tensor) -> float:
     U = sub["basis"].to(torch.float64)
     n = U.shape[1]
     scale = opt.param_groups[0]["lr_scale"] * float(opt.param_groups[0]["lr"])
-    P = scale * (U.T @ torch.diag(sub["column_rates"].to(torch.float64)) @ U + sub["base_lr"] * (torch.eye(n, dtype=torch.float64) - U.T @ U))
+    eye = torch.eye(n, dtype=torch.float64)
+    P = scale * (U.T @ torch.diag(sub["column_rates"].to(torch.float64)) @ U + sub["base_lr"] * (eye - U.T @ U))
     evals, evecs = torch.linalg.eigh(0.5 * (P + P.T))
     root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
     return float(torch.linalg.eigvalsh(root @ H @ root).max())

@@ -17,10 +17,10 @@ finite and below ``max_loss_growth`` times the last check point's loss (by defau
 the plan's predicted peak amplification: a quadratic's loss grows with the square of its error, and inside a
 cycle the plan itself lets the error grow by that much). In temporal mode the check points are the cycle ends:
 inside a cycle the loss may rise by what the plan predicts, and only a cycle as a whole has to decrease it. A
-violation restores the parameters of the last check point (one copy of the parameters is kept), backs the rates off
-(``lr_scale *= backoff`` or the secant factor, rate rule ``"safe"``), re-measures the curvature there and goes on, with a
-:class:`RuntimeWarning`. After ``max_backoffs`` violations in a row the optimizer degrades to the safe schedule:
-one rate ``1 / (lambda_max_margin * lambda_max)`` from the measured ``lambda_max``, which decreases the loss
+violation restores the parameters of the last check point (one copy of the parameters is kept), backs the rates
+off (``lr_scale *= backoff`` or the secant factor, rate rule ``"safe"``), re-measures the curvature there and goes
+on, with a :class:`RuntimeWarning`. After ``max_backoffs`` violations in a row the optimizer degrades to the safe
+schedule: one rate ``1 / (lambda_max_margin * lambda_max)`` from the measured ``lambda_max``, which decreases the loss
 of any function whose curvature along the path stays below ``lambda_max_margin * lambda_max`` (gradient
 descent below ``2 / L``); further violations there shrink that rate (by ``backoff``, or by the secant factor when
 the violation came one step after the check point: NOTE: [secant back-off]), and each step that passes its check
@@ -238,9 +238,9 @@ class AutoMrGD(MrGD):
             see :func:`mrgd_ext.curvature.estimate_curvature` (``num_eigs=None``: 4, or all ``n`` parameters up
             to ``SMALL_PROBLEM`` = 32: NOTE: [small problems]; ``density_probes=None``: 2, or 0 in subspace mode
             with ``subspace_rates="ritz"``, which needs no density: NOTE: [subspace density]; ``floor=None``: ten
-            times the unit roundoff of the operator's dtype, :func:`mrgd_ext.curvature.default_floor`). Subspace mode needs ``num_eigs >= 1``; the
-            basis costs ``num_eigs * n`` elements of ``basis_dtype`` (float32, bfloat16 or float64; default
-            float64 for float64 parameters, float32 otherwise). A bfloat16 basis halves that memory but its
+            times the unit roundoff of the operator's dtype, :func:`mrgd_ext.curvature.default_floor`). Subspace
+            mode needs ``num_eigs >= 1``; the basis costs ``num_eigs * n`` elements of ``basis_dtype`` (float32,
+            bfloat16 or float64; default float64 for float64 parameters, float32 otherwise). A bfloat16 basis halves that memory but its
             rounding error (~2e-3) caps every rate at ``0.5 / (lambda_max * error)`` (NOTE: [basis rounding]),
             so it pays only while the measured groups are less than ~250x apart.
         subspace_rates: ``"ritz"`` (default) -- each Ritz vector takes the rate of its own Ritz value
@@ -737,10 +737,10 @@ class AutoMrGD(MrGD):
         if (not self.rollback or self._snapshot is None or auto["since_check"] != 1 or slope is None or f0 is None
                 or not slope < 0.0 or not math.isfinite(loss)):
             return self.backoff
-        curvature = 2.0 * (loss - f0 - slope)
+        curvature = 2.0 * (float(loss) - float(f0) - float(slope))
         if not curvature > 0.0:
             return self.backoff
-        return min(self.backoff, max(-slope / curvature, _SAFE_SCALE_LIMIT))
+        return min(self.backoff, max(-float(slope) / curvature, _SAFE_SCALE_LIMIT))
 
     def _back_off(self, reason: str, closure: Callable[[], Any], loss: float) -> Any:
         auto = self.state[_AUTO_KEY]
@@ -780,7 +780,8 @@ class AutoMrGD(MrGD):
             if self._plan_kwargs["strategy"] != "nested":
                 self._plan_kwargs["strategy"] = "nested"  # the safe rule is a single-rate (nested) rule
             what = f"lr_scale now {group['lr_scale']:.3g} with safe rates"
-        if self.rollback and self._snapshot is not None and auto.get("estimate_at_snapshot") and self.estimate is not None:
+        at_snapshot = self.rollback and self._snapshot is not None and auto.get("estimate_at_snapshot")
+        if at_snapshot and self.estimate is not None:
             # Restored to the point the current estimate was measured at: measuring again would return the
             # same groups, so only the plan changes (no HVPs spent).
             estimate, plan = self.estimate, self._plan(self.estimate)

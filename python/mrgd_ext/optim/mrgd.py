@@ -703,7 +703,7 @@ class MrGD(Optimizer):
             # The kernels read the decay term from the tensors they update: fold it into g first, so the
             # direction is computed for g + wd p while out (not the parameters) is written.
             if wd != 0.0:
-                grads = torch._foreach_add(grads, params, alpha=wd)
+                grads = list(torch._foreach_add(grads, params, alpha=wd))
                 wd = 0.0
             target = [_dtensor.local(t) for t in out]
             torch._foreach_zero_(target)
