@@ -240,8 +240,8 @@ class AutoMrGD(MrGD):
             with ``subspace_rates="ritz"``, which needs no density: NOTE: [subspace density]; ``floor=None``: ten
             times the unit roundoff of the operator's dtype, :func:`mrgd_ext.curvature.default_floor`). Subspace
             mode needs ``num_eigs >= 1``; the basis costs ``num_eigs * n`` elements of ``basis_dtype`` (float32,
-            bfloat16 or float64; default float64 for float64 parameters, float32 otherwise). A bfloat16 basis halves that memory but its
-            rounding error (~2e-3) caps every rate at ``0.5 / (lambda_max * error)`` (NOTE: [basis rounding]),
+            bfloat16 or float64; default float64 for float64 parameters, float32 otherwise). A bfloat16 basis
+            halves that memory but its rounding error (~2e-3) caps every rate at ``0.5 / (lambda_max * error)`` (NOTE: [basis rounding]),
             so it pays only while the measured groups are less than ~250x apart.
         subspace_rates: ``"ritz"`` (default) -- each Ritz vector takes the rate of its own Ritz value
             (``1 / (lambda_max_margin theta)`` by the safe rule): a preconditioner on the basis;
