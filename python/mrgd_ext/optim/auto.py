@@ -235,14 +235,14 @@ class AutoMrGD(MrGD):
             measured residuals cap the base rate, so a loose basis costs speed, not stability: NOTE: [basis
             accuracy]). Subspace mode skips Lanczos's own verification (it measures the complement instead).
         num_eigs, block_size, density_probes, density_order, min_gap, floor, max_groups: what to measure,
-            see :func:`mrgd_ext.curvature.estimate_curvature` (``num_eigs=None``: 4, or all ``n`` parameters up
-            to ``SMALL_PROBLEM`` = 32: NOTE: [small problems]; ``density_probes=None``: 2, or 0 in subspace mode
-            with ``subspace_rates="ritz"``, which needs no density: NOTE: [subspace density]; ``floor=None``: ten
-            times the unit roundoff of the operator's dtype, :func:`mrgd_ext.curvature.default_floor`). Subspace
-            mode needs ``num_eigs >= 1``; the basis costs ``num_eigs * n`` elements of ``basis_dtype`` (float32,
-            bfloat16 or float64; default float64 for float64 parameters, float32 otherwise). A bfloat16 basis
-            halves that memory but its rounding error (~2e-3) caps every rate at ``0.5 / (lambda_max * error)`` (NOTE: [basis rounding]),
-            so it pays only while the measured groups are less than ~250x apart.
+            see :func:`mrgd_ext.curvature.estimate_curvature` (``num_eigs=None``: 4, or all ``n`` parameters up to
+            ``SMALL_PROBLEM`` = 32: NOTE: [small problems]; ``density_probes=None``: 2, or 0 in subspace mode with
+            ``subspace_rates="ritz"``, which needs no density: NOTE: [subspace density]; ``floor=None``: ten times the
+            unit roundoff of the operator's dtype, :func:`mrgd_ext.curvature.default_floor`). Subspace mode needs
+            ``num_eigs >= 1``; the basis costs ``num_eigs * n`` elements of ``basis_dtype`` (float32, bfloat16 or
+            float64; default float64 for float64 parameters, float32 otherwise). A bfloat16 basis halves that memory but
+            its rounding error (~2e-3) caps every rate at ``0.5 / (lambda_max * error)`` (NOTE: [basis rounding]), so it
+            pays only while the measured groups are less than ~250x apart.
         subspace_rates: ``"ritz"`` (default) -- each Ritz vector takes the rate of its own Ritz value
             (``1 / (lambda_max_margin theta)`` by the safe rule): a preconditioner on the basis;
             ``"group"`` -- each takes its measured group's rate (docs/design.md 1.4; needs the SLQ density).
