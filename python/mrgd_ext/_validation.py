@@ -73,19 +73,29 @@ def check_float_dtype(tensor: torch.Tensor, name: str, dtypes: Sequence[torch.dt
 def check_orthonormal_rows(basis: torch.Tensor, name: str = "basis") -> None:
     """Rows of ``basis`` ([r, n]) are finite and orthonormal up to the rounding of its dtype.
 
-    An r x r Gram check in float64 (cost r^2 n). Rounding orthonormal rows to storage moves each Gram entry
-    by at most about eps(dtype); a basis computed in float64 (Ritz vectors) loses orthogonality at the
-    1e-14 level. The tolerance ``max(16 * eps(dtype), 1e-8)`` admits both and rejects bases that are not
-    orthonormal (unnormalized rows, random or merely nearly orthogonal directions).
+    An r x r Gram check in float64 (cost r^2 n); see :func:`check_orthonormal_gram` for the tolerance.
     """
     if not bool(torch.isfinite(basis).all()):
         raise ValueError(f"{name} has non-finite entries")
-    r = basis.shape[0]
-    if r == 0:
+    if basis.shape[0] == 0:
         return
     b = basis.detach().to(torch.float64)
-    err = (b @ b.T - torch.eye(r, dtype=torch.float64, device=b.device)).abs().max().item()
-    tol = max(16 * torch.finfo(basis.dtype).eps, 1e-8)
+    check_orthonormal_gram(b @ b.T, basis.dtype, name)
+
+
+def check_orthonormal_gram(gram: torch.Tensor, dtype: torch.dtype, name: str = "basis") -> None:
+    """The float64 Gram matrix ``B B^T`` of a basis stored in ``dtype`` is the identity up to that rounding.
+
+    Rounding orthonormal rows to storage moves each Gram entry by at most about eps(dtype); a basis computed in
+    float64 (Ritz vectors) loses orthogonality at the 1e-14 level. The tolerance ``max(16 * eps(dtype), 1e-8)``
+    admits both and rejects bases that are not orthonormal (unnormalized rows, random or merely nearly
+    orthogonal directions).
+    """
+    r = gram.shape[0]
+    if r == 0:
+        return
+    err = (gram - torch.eye(r, dtype=gram.dtype, device=gram.device)).abs().max().item()
+    tol = max(16 * torch.finfo(dtype).eps, 1e-8)
     if not err <= tol:
         raise ValueError(
             f"{name} rows are not orthonormal: max |B B^T - I| = {err:.3g} > {tol:.3g} "
