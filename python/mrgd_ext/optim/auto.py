@@ -69,7 +69,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from mrgd_ext._validation import RATE_RULES, STRATEGIES, check_choice, check_int
+from mrgd_ext._validation import RATE_RULES, STRATEGIES, check_choice, check_int, check_not_sharded
 from mrgd_ext.curvature.distributed import DistributedOperator
 from mrgd_ext.curvature.estimate import (
     CurvatureEstimate,
@@ -81,7 +81,6 @@ from mrgd_ext.curvature.estimate import (
 from mrgd_ext.curvature.lanczos import lanczos
 from mrgd_ext.curvature.operator import CurvatureOperator, as_operator
 from mrgd_ext.optim._ddp import global_closure
-from mrgd_ext.optim._dtensor import is_dtensor
 from mrgd_ext.optim.mrgd import MrGD
 from mrgd_ext.planning import MultiratePlan, ScaleGroup, plan_multirate
 
@@ -342,19 +341,7 @@ class AutoMrGD(MrGD):
                 )
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        sharded = [i for i, p in enumerate(params) if is_dtensor(p)]
-        if sharded:
-            # NOTE: [no FSDP2]
-            # Every measurement differentiates the loss twice through the model; under fully_shard the forward
-            # pass all-gathers the parameters inside FSDP2's hooks, whose autograd functions have no second
-            # derivative, and each rank's probe would need the full parameters anyway. Refused here, on every
-            # rank alike (each rank's parameters are DTensors), before any collective could be left unmatched.
-            raise NotImplementedError(
-                f"AutoMrGD does not support DTensor parameters (params[{sharded[0]}] is one: FSDP2/fully_shard or "
-                "tensor parallel): its Hessian-vector products differentiate twice through the model, which "
-                "FSDP2's parameter all-gather does not support. Use DDP with a DistributedOperator probe, or "
-                "MrGD (every mode works on FSDP2 parameters)"
-            )
+        check_not_sharded(params, "AutoMrGD")  # NOTE: [no FSDP2 curvature]
         if not (
             isinstance(hessian, CurvatureOperator)
             or (isinstance(hessian, DistributedOperator) and isinstance(hessian.op, CurvatureOperator))
@@ -601,7 +588,7 @@ class AutoMrGD(MrGD):
     def _install(self, estimate: CurvatureEstimate, plan: MultiratePlan) -> None:
         group = self.param_groups[0]
         group["cycle"] = tuple(plan.cycle)
-        group["cycle_position"] = 0
+        group["cycle_position"].fill_(0)  # kept a tensor (NOTE: [tensor rate]): a checkpoint's layout never changes
         if self.mode == "subspace" and not self._safe_plan:
             basis, rates, base = self._subspace_arguments(estimate)
             self.set_subspace(basis, rates, base)
