@@ -409,7 +409,7 @@ def _checkpoint_rank(rank, world, init_file, out_dir):
                 state = {"optim": get_optimizer_state_dict(model3, opt3)}
                 dcp.load(state, checkpoint_id=ckpt)
                 _errors_on_every_rank(rank, world, out[wrapper, mode], "error",
-                                      lambda: set_optimizer_state_dict(model3, opt3, state["optim"]))
+                                      lambda m=model3, o=opt3, sd=state["optim"]: set_optimizer_state_dict(m, o, sd))
         torch.save(out, os.path.join(out_dir, f"ckpt.{rank}"))
     finally:
         dist.destroy_process_group()

@@ -170,11 +170,11 @@ _AUTO_EXTRAS = ("measurements", "safe_plan", "rate_rule", "strategy", "growth_bo
                 "lambda_max")
 
 
-def _check_auto_state(auto: Any, name: str) -> dict[str, Any]:
+def _check_auto_state(saved: Any, name: str) -> dict[str, Any]:
     """A copy of a saved AutoMrGD state after checking every field (``name`` says where it comes from)."""
-    if not isinstance(auto, dict):
-        raise TypeError(f"{name} must be a dict, got {type(auto).__name__}")
-    auto = dict(auto)
+    if not isinstance(saved, dict):
+        raise TypeError(f"{name} must be a dict, got {type(saved).__name__}")
+    auto: dict[str, Any] = dict(saved)
     auto.setdefault("safe_entries", 0)  # written lazily by older versions
     for key in ("step", "last_estimate", "since_check", "backoffs", "interval", "safe_entries"):
         if key not in auto:
@@ -224,6 +224,7 @@ def _pop_rollback(state: dict[Any, Any], keys: list[Any], params: list[torch.Ten
         raise KeyError(f"state_dict['state'][{k!r}] has no {_ROLLBACK!r}, but other parameters' entries do")
     snapshot = []
     for k, e, p in zip(keys, entries, params):
+        assert isinstance(e, dict)  # checked above
         point = e[_ROLLBACK]
         if not isinstance(point, torch.Tensor) or point.shape != p.shape or point.dtype != p.dtype:
             raise ValueError(f"state_dict['state'][{k!r}][{_ROLLBACK!r}] must be a {p.dtype} tensor of shape "
