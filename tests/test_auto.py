@@ -469,7 +469,8 @@ def test_auto_subspace_state_dict_resumes_the_same_trajectory_and_decisions():
     closure = closure_for(resumed)
     for _ in range(14):
         resumed.step(closure)
-    assert [(e["step"], e["reason"]) for e in resumed.events[1:]] == [(e["step"], e["reason"]) for e in opt.events[done:]]
+    decisions = [(e["step"], e["reason"]) for e in opt.events[done:]]
+    assert [(e["step"], e["reason"]) for e in resumed.events[1:]] == decisions and decisions
     torch.testing.assert_close(w.detach(), expected, rtol=1e-8, atol=1e-10)
 
 
