@@ -8,7 +8,9 @@ peer raises instead of blocking.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
+import sys
 import time
 
 import pytest
@@ -31,13 +33,26 @@ def init_gloo(rank: int, world: int, init_file: str) -> None:
                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
 
+def _rank(rank: int, fn, dump_after: float, *args) -> None:
+    # A rank still running near the run's limit prints every thread's stack and exits, so a hang fails with
+    # the place it hung in the test's output.
+    faulthandler.dump_traceback_later(dump_after, exit=True)
+    fn(rank, *args)
+    # A rank that finished exits at once, without interpreter finalisation: ranks were seen, intermittently and
+    # only on a loaded machine, to stay alive after writing their results and returning, which failed the run
+    # on its time limit. Its results are on disk already.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_ranks(fn, world: int, out_dir, *args, timeout: float = RUN_TIMEOUT_S) -> None:
     """Spawn ``world`` processes running ``fn(rank, world, init_file, out_dir, *args)`` (``out_dir``: a
     directory for the ranks' results, e.g. pytest's ``tmp_path``). Fails the test when a rank raises or when
     the run exceeds ``timeout`` seconds (then every rank is killed)."""
     out_dir = str(out_dir)
     init_file = os.path.join(out_dir, f"init_{time.monotonic_ns()}")
-    ctx = mp.spawn(fn, args=(world, init_file, out_dir, *args), nprocs=world, join=False)
+    ctx = mp.spawn(_rank, args=(fn, 0.9 * timeout, world, init_file, out_dir, *args), nprocs=world, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
         if time.monotonic() > deadline:

@@ -223,8 +223,25 @@ def _g_del(gi, key):
     return edit
 
 
-def _sub(key, value):
+def _sub(key, value, param=0):
+    """Set field ``key`` of one parameter's subspace entry (the state dict holds one per parameter)."""
     def edit(sd):
+        sd["state"][param][key] = value
+    return edit
+
+
+def _legacy(sd):
+    """The subspace state in its in-memory form (one entry under a string key), as older state dicts hold it."""
+    entries = [sd["state"].pop(k) for k in sorted(sd["state"])]
+    basis = torch.cat([e["subspace_basis"].reshape(e["subspace_basis"].shape[0], -1) for e in entries], dim=1)
+    sd["state"][SUB] = {"basis": basis, "column_rates": entries[0]["subspace_column_rates"],
+                        "base_lr": entries[0]["subspace_base_lr"]}
+    del sd["param_groups"][0]["subspace_rows"]
+
+
+def _legacy_sub(key, value):
+    def edit(sd):
+        _legacy(sd)
         sd["state"][SUB][key] = value
     return edit
 
@@ -258,17 +275,44 @@ LOAD = {
 }
 
 LOAD_SUBSPACE = {
-    "basis an int": (_sub("basis", 3), TypeError, r"\['basis'\] must be a tensor"),
-    "basis wrong columns": (_sub("basis", torch.eye(2, 5)), ValueError, r"\['basis'\] has 5 columns"),
-    "basis int dtype": (_sub("basis", torch.zeros(2, 7, dtype=torch.int64)), TypeError, r"\['basis'\] must be float32"),
-    "basis not orthonormal": (_sub("basis", torch.ones(2, 7)), ValueError, r"\['basis'\] rows are not orthonormal"),
-    "basis nan": (_sub("basis", torch.full((2, 7), float("nan"))), ValueError, r"\['basis'\] has non-finite"),
-    "column_rates nan": (_sub("column_rates", torch.tensor([0.1, float("nan")], dtype=torch.float64)), ValueError,
-                         r"\['column_rates'\] must be finite"),
-    "column_rates count": (_sub("column_rates", torch.tensor([0.1], dtype=torch.float64)), ValueError,
-                           r"\['column_rates'\] must be a 1-D tensor with 2 entries"),
-    "base_lr negative": (_sub("base_lr", -1.0), ValueError, r"\['base_lr'\]"),
-    "missing basis": (lambda sd: sd["state"][SUB].pop("basis"), KeyError, r"has no 'basis'"),
+    # The per-parameter form that state_dict() writes (parameters a [3] and b [4], basis of 2 rows).
+    "basis an int": (_sub("subspace_basis", 3), TypeError, r"\[0\]\['subspace_basis'\] must be a tensor"),
+    "basis piece shape": (_sub("subspace_basis", torch.eye(2, 5), 1), ValueError,
+                          r"\[1\]\['subspace_basis'\] has shape \(2, 5\) here but the parameter needs \(2, 4\)"),
+    "basis rows differ": (_sub("subspace_basis", torch.zeros(3, 4), 1), ValueError, r"needs \(2, 4\)"),
+    "basis int dtype": (lambda sd: [e.update(subspace_basis=e["subspace_basis"].long()) for e in sd["state"].values()],
+                        TypeError, r"\['subspace_basis'\] must be float32"),
+    "basis dtypes differ": (_sub("subspace_basis", torch.zeros(2, 4, dtype=torch.float64), 1), TypeError,
+                            r"\[1\]\['subspace_basis'\] is torch.float64 but"),
+    "basis not orthonormal": (_sub("subspace_basis", torch.ones(2, 3)), ValueError,
+                              r"subspace basis rows are not orthonormal"),
+    "basis nan": (_sub("subspace_basis", torch.full((2, 3), float("nan"))), ValueError, r"has non-finite"),
+    "column_rates nan": (lambda sd: [e.update(subspace_column_rates=torch.tensor([0.1, float("nan")],
+                                                                                 dtype=torch.float64))
+                                     for e in sd["state"].values()], ValueError,
+                         r"\['subspace_column_rates'\] must be finite"),
+    "column_rates differ": (_sub("subspace_column_rates", torch.tensor([0.1, 0.3], dtype=torch.float64), 1),
+                            ValueError, r"\[1\]\['subspace_column_rates'\] differs"),
+    "base_lr negative": (lambda sd: [e.update(subspace_base_lr=-1.0) for e in sd["state"].values()], ValueError,
+                         r"\['subspace_base_lr'\]"),
+    "entry missing": (lambda sd: sd["state"].pop(1), KeyError, r"\[1\] has no 'subspace_basis'"),
+    "field missing": (lambda sd: sd["state"][1].pop("subspace_base_lr"), KeyError, r"\[1\] has no 'subspace_base_lr'"),
+    "rows without entries": (lambda sd: sd["state"].clear(), ValueError,
+                             r"'subspace_rows'\] is 2 but no parameter's entry has a 'subspace_basis'"),
+    "rows disagree": (_g(0, "subspace_rows", 3), ValueError, r"'subspace_rows'\] is 3 but the basis entries have 2"),
+    # The in-memory form of older state dicts.
+    "legacy basis an int": (_legacy_sub("basis", 3), TypeError, r"\['basis'\] must be a tensor"),
+    "legacy basis wrong columns": (_legacy_sub("basis", torch.eye(2, 5)), ValueError, r"\['basis'\] has 5 columns"),
+    "legacy basis int dtype": (_legacy_sub("basis", torch.zeros(2, 7, dtype=torch.int64)), TypeError,
+                               r"\['basis'\] must be float32"),
+    "legacy basis not orthonormal": (_legacy_sub("basis", torch.ones(2, 7)), ValueError, r"rows are not orthonormal"),
+    "legacy basis nan": (_legacy_sub("basis", torch.full((2, 7), float("nan"))), ValueError, r"has non-finite"),
+    "legacy column_rates nan": (_legacy_sub("column_rates", torch.tensor([0.1, float("nan")], dtype=torch.float64)),
+                                ValueError, r"\['column_rates'\] must be finite"),
+    "legacy column_rates count": (_legacy_sub("column_rates", torch.tensor([0.1], dtype=torch.float64)), ValueError,
+                                  r"\['column_rates'\] must be a 1-D tensor with 2 entries"),
+    "legacy base_lr negative": (_legacy_sub("base_lr", -1.0), ValueError, r"\['base_lr'\]"),
+    "legacy missing basis": (lambda sd: (_legacy(sd), sd["state"][SUB].pop("basis")), KeyError, r"has no 'basis'"),
 }
 
 
@@ -295,6 +339,22 @@ def test_load_state_dict_subspace(case):
     snap = w.snapshot()
     expect(exc, match, lambda: w.opt.load_state_dict(sd))
     assert w.unchanged(snap)
+
+
+@pytest.mark.parametrize("form", ["per-parameter", "legacy"])
+def test_load_state_dict_subspace_round_trip(form):
+    source = World(subspace=True)
+    sd = copy.deepcopy(source.opt.state_dict())
+    if form == "legacy":
+        _legacy(sd)
+    w = World()
+    # An optimizer with two param groups cannot take it.
+    expect(ValueError, r"several param groups|groups but the optimizer has", lambda: w.opt.load_state_dict(sd))
+    w = World(subspace=True)
+    w.opt.load_state_dict(sd)
+    for key in ("basis", "column_rates"):
+        assert same(w.opt.state[SUB][key], source.opt.state[SUB][key])
+    assert w.opt.state[SUB]["base_lr"] == source.opt.state[SUB]["base_lr"]
 
 
 def test_load_state_dict_accepts_its_own_state_and_older_integer_positions():
@@ -495,13 +555,13 @@ class AutoWorld:
 
 def _auto(key, value):
     def edit(sd):
-        sd["state"][AUTO][key] = value
+        sd["param_groups"][0]["auto"][key] = value
     return edit
 
 
 LOAD_AUTO = {
-    "step negative": (_auto("step", -1), ValueError, r"\['multirate_auto'\]\['step'\] must be >= 0"),
-    "step float": (_auto("step", 2.5), TypeError, r"\['multirate_auto'\]\['step'\] must be an integer"),
+    "step negative": (_auto("step", -1), ValueError, r"\['auto'\]\['step'\] must be >= 0"),
+    "step float": (_auto("step", 2.5), TypeError, r"\['auto'\]\['step'\] must be an integer"),
     "step bool": (_auto("step", True), TypeError, r"\['step'\] must be an integer"),
     "since_check negative": (_auto("since_check", -2), ValueError, r"\['since_check'\] must be >= 0"),
     "interval 0": (_auto("interval", 0), ValueError, r"\['interval'\] must be >= 1"),
@@ -515,11 +575,11 @@ LOAD_AUTO = {
     "remeasure int": (_auto("remeasure", 1), TypeError, r"\['remeasure'\] must be a bool"),
     "normal_lr_scale 0": (_auto("normal_lr_scale", 0.0), ValueError, r"\['normal_lr_scale'\] must be a finite"),
     "normal_lr_scale nan": (_auto("normal_lr_scale", float("nan")), ValueError, r"\['normal_lr_scale'\]"),
-    "missing interval": (lambda sd: sd["state"][AUTO].pop("interval"), KeyError, r"has no 'interval' field"),
-    "unknown field": (_auto("intreval", 5), ValueError, r"\['multirate_auto'\] has unknown fields intreval"),
-    "entry not a dict": (lambda sd: sd["state"].update({AUTO: [1, 2]}), TypeError,
-                         r"\['multirate_auto'\] must be a dict, got list"),
-    "entry missing": (lambda sd: sd["state"].pop(AUTO), KeyError, r"has no 'multirate_auto' entry"),
+    "missing interval": (lambda sd: sd["param_groups"][0]["auto"].pop("interval"), KeyError, r"has no 'interval' field"),
+    "unknown field": (_auto("intreval", 5), ValueError, r"\['auto'\] has unknown fields intreval"),
+    "entry not a dict": (lambda sd: sd["param_groups"][0].update(auto=[1, 2]), TypeError,
+                         r"\['auto'\] must be a dict, got list"),
+    "entry missing": (lambda sd: sd["param_groups"][0].pop("auto"), KeyError, r"has no AutoMrGD state"),
     "and a bad MrGD field": (lambda sd: sd["param_groups"][0].update(lr_scale=-1.0), ValueError,
                              r"\[0\]\['lr_scale'\]"),
 }
@@ -544,14 +604,15 @@ def test_load_state_dict_auto(case, auto_state):
 
 def test_load_state_dict_auto_accepts_its_own_state_and_keeps_a_copy(auto_state):
     sd = copy.deepcopy(auto_state)
-    sd["state"][AUTO]["ref_loss"] = None  # before the first check point
-    sd["state"][AUTO]["best_loss"] = None
+    sd["param_groups"][0]["auto"]["ref_loss"] = None  # before the first check point
+    sd["param_groups"][0]["auto"]["best_loss"] = None
     w = AutoWorld()
     w.opt.load_state_dict(sd)
-    assert w.opt.state[AUTO]["step"] == auto_state["state"][AUTO]["step"]
+    saved_step = auto_state["param_groups"][0]["auto"]["step"]
+    assert w.opt.state[AUTO]["step"] == saved_step
     w.opt.step(w.closure)
-    assert w.opt.state[AUTO]["step"] == auto_state["state"][AUTO]["step"] + 1
-    assert sd["state"][AUTO]["step"] == auto_state["state"][AUTO]["step"]  # the caller's dict is not written
+    assert w.opt.state[AUTO]["step"] == saved_step + 1
+    assert sd["param_groups"][0]["auto"]["step"] == saved_step  # the caller's dict is not written
 
 
 def test_catalog_size():

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 #: Floating-point dtypes the package computes with (parameters, probes, data).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -28,6 +32,36 @@ RATE_RULES: tuple[str, ...] = ("optimal", "safe")
 HVP_BACKENDS: tuple[str, ...] = ("auto", "func", "double_backward")
 #: AutoMrGD modes.
 AUTO_MODES: tuple[str, ...] = ("temporal", "subspace")
+
+
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 / tensor-parallel parameters)."""
+    # No DTensor can exist before torch.distributed.tensor is imported; checking sys.modules keeps
+    # `import mrgd_ext` from importing it and costs a dict lookup per tensor.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def check_not_sharded(params: Sequence[Any], who: str) -> None:
+    """Refuse DTensor parameters where curvature is measured (NOTE: [no FSDP2 curvature]).
+
+    NOTE: [no FSDP2 curvature]
+    A Hessian-vector product evaluates the model at parameter tensors the operator substitutes for the
+    module's own (torch.func.functional_call, then two derivatives). FSDP2 all-gathers only the sharded
+    parameters it owns, in its forward hooks: the substituted shards never get gathered and meet plain
+    activations ("mixed torch.Tensor and DTensor"). Products through a sharded model would also need each
+    rank's full parameters at once, which is what FSDP avoids. So curvature (and AutoMrGD, which measures it)
+    is refused for DTensor parameters, with the same error on every rank (every rank's parameters are
+    DTensors), at construction, before any collective.
+    """
+    for i, p in enumerate(params):
+        if is_dtensor(p):
+            raise NotImplementedError(
+                f"{who} does not support DTensor parameters (params[{i}] is one: FSDP2/fully_shard or tensor "
+                "parallel): Hessian-vector products evaluate the model at substituted parameters, which FSDP2 "
+                "does not all-gather. Measure curvature on a DDP (or unsharded) copy of the model, with a "
+                "DistributedOperator over the ranks' probe shards; MrGD itself runs on FSDP2 parameters"
+            )
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
@@ -80,19 +114,29 @@ def check_float_dtype(tensor: torch.Tensor, name: str, dtypes: Sequence[torch.dt
 def check_orthonormal_rows(basis: torch.Tensor, name: str = "basis") -> None:
     """Rows of ``basis`` ([r, n]) are finite and orthonormal up to the rounding of its dtype.
 
-    An r x r Gram check in float64 (cost r^2 n). Rounding orthonormal rows to storage moves each Gram entry
-    by at most about eps(dtype); a basis computed in float64 (Ritz vectors) loses orthogonality at the
-    1e-14 level. The tolerance ``max(16 * eps(dtype), 1e-8)`` admits both and rejects bases that are not
-    orthonormal (unnormalized rows, random or merely nearly orthogonal directions).
+    An r x r Gram check in float64 (cost r^2 n); see :func:`check_orthonormal_gram` for the tolerance.
     """
     if not bool(torch.isfinite(basis).all()):
         raise ValueError(f"{name} has non-finite entries")
-    r = basis.shape[0]
-    if r == 0:
+    if basis.shape[0] == 0:
         return
     b = basis.detach().to(torch.float64)
-    err = (b @ b.T - torch.eye(r, dtype=torch.float64, device=b.device)).abs().max().item()
-    tol = max(16 * torch.finfo(basis.dtype).eps, 1e-8)
+    check_orthonormal_gram(b @ b.T, basis.dtype, name)
+
+
+def check_orthonormal_gram(gram: torch.Tensor, dtype: torch.dtype, name: str = "basis") -> None:
+    """The float64 Gram matrix ``B B^T`` of a basis stored in ``dtype`` is the identity up to that rounding.
+
+    Rounding orthonormal rows to storage moves each Gram entry by at most about eps(dtype); a basis computed in
+    float64 (Ritz vectors) loses orthogonality at the 1e-14 level. The tolerance ``max(16 * eps(dtype), 1e-8)``
+    admits both and rejects bases that are not orthonormal (unnormalized rows, random or merely nearly
+    orthogonal directions).
+    """
+    r = gram.shape[0]
+    if r == 0:
+        return
+    err = (gram - torch.eye(r, dtype=gram.dtype, device=gram.device)).abs().max().item()
+    tol = max(16 * torch.finfo(dtype).eps, 1e-8)
     if not err <= tol:
         raise ValueError(
             f"{name} rows are not orthonormal: max |B B^T - I| = {err:.3g} > {tol:.3g} "

@@ -19,8 +19,9 @@ that is ``2 (world - 1) / world`` times that many elements sent and received by 
 Safety (NOTE: [collective safety]): a rank whose local product raises still joins the all-reduce, with its
 failure flag set, so every rank raises instead of the others waiting forever; a rank that applies the
 operator to a different block than the others (a different seed, a different solver) is caught by the
-fingerprints, on every rank. Construction compares ``n``, dtype, parameter shapes and sample counts across
-ranks with one small all-gather and raises the same error on every rank when they disagree. A rank that dies
+fingerprints, on every rank. Construction compares ``n``, dtype, device type, parameter shapes and the
+per-sample shapes of the probe data across ranks (and sums the sample counts) with one small all-gather, and
+raises the same error on every rank when they disagree. A rank that dies
 outright cannot join anything; then the process group's timeout (``init_process_group(timeout=...)``)
 bounds the wait.
 """
@@ -89,7 +90,7 @@ class DistributedOperator:
     Raises:
         RuntimeError: torch.distributed is not initialised.
         ValueError/TypeError: bad ``op`` or ``num_samples`` on any rank, or ranks that disagree on ``n``,
-            dtype, device type or parameter shapes: the same message on every rank.
+            dtype, device type, parameter shapes or per-sample probe shapes: the same message on every rank.
     """
 
     def __init__(self, op: Any, process_group: Any = None, *, num_samples: int | None = None,
@@ -110,9 +111,9 @@ class DistributedOperator:
             local_error = exc
         device = self._comm_device(op)
         desc = torch.tensor(
-            [0, 0, 0, 0, 0, 0] if local_error is not None else
+            [0, 0, 0, 0, 0, 0, 0] if local_error is not None else
             [1, self.n, _DTYPE_CODES.index(self.dtype), _DEVICE_CODES.index(self.device.type), self.num_samples,
-             _shapes_code(getattr(op, "shapes", None))],
+             _shapes_code(getattr(op, "shapes", None)), _shapes_code(getattr(op, "sample_shapes", None))],
             dtype=torch.int64, device=device,
         )
         gathered = [torch.empty_like(desc) for _ in range(self.world_size)]
@@ -165,13 +166,18 @@ class DistributedOperator:
         fields = (("n (the number of parameter elements)", 1, lambda c: c),
                   ("dtype", 2, lambda c: _DTYPE_CODES[c]),
                   ("device type", 3, lambda c: _DEVICE_CODES[c]),
-                  ("parameter shapes", 5, lambda c: f"<shapes hash {c:d}>"))
+                  ("parameter shapes", 5, lambda c: f"<shapes hash {c:d}>"),
+                  ("per-sample probe shapes (inputs and targets, batch dimension excluded)", 6,
+                   lambda c: f"<shapes hash {c:d}>"))
         for what, col, show in fields:
             values = [row[col] for row in table]
-            if len(set(values)) > 1:
+            # Probe shapes are compared among the ranks whose operator has probe data (0: a closure or a
+            # custom operator, which says nothing about its data).
+            known = {v for v in values if v != 0} if col == 6 else set(values)
+            if len(known) > 1:
                 per_rank = ", ".join(f"rank {r}: {show(v)}" for r, v in enumerate(values))
                 raise ValueError(f"DistributedOperator: the ranks' operators differ in {what} ({per_rank}); "
-                                 "every rank must differentiate the same parameters")
+                                 "every rank must differentiate the same parameters on probe data of one layout")
 
     # ------------------------------------------------------------------------------------------------
     # The operator interface the Krylov solvers use.

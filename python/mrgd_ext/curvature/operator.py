@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mrgd_ext._validation import check_not_sharded
+
 __all__ = ["LinearOperator", "CurvatureOperator", "as_operator"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -323,6 +325,7 @@ class CurvatureOperator(LinearOperator):
 
     def _init_params(self, params: list[torch.Tensor], names: list[str], arg: str) -> None:
         """Record the parameters (one floating dtype and device), their names and shapes."""
+        check_not_sharded(params, self._kind)  # NOTE: [no FSDP2 curvature]
         dtype, device = params[0].dtype, params[0].device
         for name, p in zip(names, params):
             if not p.dtype.is_floating_point or p.dtype not in _FLOAT_DTYPES:
@@ -361,6 +364,16 @@ class CurvatureOperator(LinearOperator):
                 f"{what}'s loss does not depend on {depends_on} (no autograd graph: was it detached, or computed "
                 "without the given tensors?); the curvature is undefined"
             )
+
+    @property
+    def sample_shapes(self) -> tuple[tuple[int, ...], ...] | None:
+        """Per-sample shapes (all but the leading batch dimension) of every tensor of the first probe batch,
+        inputs then targets; None for a closure operator. :class:`mrgd_ext.DistributedOperator` compares them
+        across ranks."""
+        if self.model is None:
+            return None
+        leaves = torch.utils._pytree.tree_leaves(self._batches[0])
+        return tuple(tuple(int(d) for d in t.shape[1:]) for t in leaves if isinstance(t, torch.Tensor))
 
     @property
     def params(self) -> list[torch.Tensor]:

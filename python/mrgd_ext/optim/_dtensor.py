@@ -19,23 +19,17 @@ per rank, so such layouts are refused.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+
+from mrgd_ext._validation import is_dtensor
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
 __all__ = ["is_dtensor", "local", "local_pairs", "prepare_subspace"]
-
-
-def is_dtensor(t: Any) -> TypeGuard[DTensor]:
-    # No DTensor can exist before torch.distributed.tensor is imported; checking sys.modules keeps
-    # `import mrgd_ext` from importing it and costs a dict lookup per tensor.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -73,6 +67,26 @@ def _global_indices(p: DTensor) -> torch.Tensor:
     return shard.reshape(-1)
 
 
+def _check_group_matches_mesh(process_group: Any, mesh: Any) -> None:
+    """``process_group`` holds exactly the ranks of the parameters' (1-D) mesh: the projection ``U^T g`` is summed
+    over it, so any other set of ranks sums the wrong shards. Local (no collective): the same verdict on every
+    rank that passes the same group."""
+    import torch.distributed as dist
+
+    if process_group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"set_subspace: process_group does not contain this rank ({dist.get_rank()}); it must be "
+                         "the group of the parameters' device mesh (or None for that group)")
+    try:
+        ranks = dist.get_process_group_ranks(process_group)
+    except (RuntimeError, ValueError, AttributeError, TypeError):
+        raise TypeError(f"set_subspace: process_group must be a torch.distributed process group, got "
+                        f"{type(process_group).__name__}") from None
+    mesh_ranks = dist.get_process_group_ranks(mesh.get_group())
+    if sorted(ranks) != sorted(mesh_ranks):
+        raise ValueError(f"set_subspace: process_group has ranks {sorted(ranks)} but the parameters are sharded "
+                         f"over the mesh ranks {sorted(mesh_ranks)}; pass the mesh's group (or None)")
+
+
 def prepare_subspace(
     params: Sequence[torch.Tensor], basis: torch.Tensor, process_group: Any
 ) -> tuple[torch.Tensor, Any, int]:
@@ -99,6 +113,8 @@ def prepare_subspace(
             )
     if process_group is None:
         process_group = mesh.get_group()
+    else:
+        _check_group_matches_mesh(process_group, mesh)
     n_local = sum(local(p).numel() for p in params)
     n_global = sum(p.numel() for p in params)
     if isinstance(basis, torch.Tensor) and basis.dim() == 2 and basis.shape[1] == n_global != n_local:

@@ -73,7 +73,17 @@ from typing import Any, TypedDict
 
 import torch
 
-from mrgd_ext._validation import check_bool, check_count, check_finite_scalar, check_int, check_positive_rate
+from mrgd_ext._validation import (
+    RATE_RULES,
+    STRATEGIES,
+    check_bool,
+    check_choice,
+    check_count,
+    check_finite_scalar,
+    check_int,
+    check_not_sharded,
+    check_positive_rate,
+)
 from mrgd_ext.curvature.distributed import DistributedOperator
 from mrgd_ext.curvature.estimate import (
     CurvatureEstimate,
@@ -212,6 +222,77 @@ def _checked_auto_state(auto: Any, name: str) -> dict[str, Any]:
     return out
 
 
+_STATE_GROUP_KEY = "auto"
+_ROLLBACK = "rollback_point"
+#: Fields of AutoMrGD's checkpoint that live outside state[_AUTO_KEY] in memory (NOTE: [AutoMrGD checkpoint]).
+_AUTO_EXTRAS = ("measurements", "safe_plan", "rate_rule", "strategy", "growth_bound", "complement_top", "groups",
+                "lambda_max")
+
+
+def _check_auto_state(saved: Any, name: str) -> dict[str, Any]:
+    """A copy of a saved AutoMrGD state after checking every field (``name`` says where it comes from): the
+    in-memory entry's fields (:data:`_AUTO_STATE_FIELDS`) and, in the checkpoint form, the decision fields that
+    live outside it in memory (:data:`_AUTO_EXTRAS`)."""
+    if not isinstance(saved, dict):
+        raise TypeError(f"{name} must be a dict, got {type(saved).__name__}")
+    auto = _checked_auto_state({k: v for k, v in saved.items() if k not in _AUTO_EXTRAS}, name)
+    auto.setdefault("safe_entries", 0)  # written lazily by older versions
+    auto.setdefault("best_loss", None)
+    auto.update({k: saved[k] for k in _AUTO_EXTRAS if k in saved})
+    present = [k for k in _AUTO_EXTRAS if k in auto]
+    if present and len(present) != len(_AUTO_EXTRAS):
+        missing = next(k for k in _AUTO_EXTRAS if k not in auto)
+        raise KeyError(f"{name} has no {missing!r}")
+    if present:
+        auto["measurements"] = check_int(auto["measurements"], f"{name}['measurements']", 0)
+        if not isinstance(auto["safe_plan"], bool):
+            raise TypeError(f"{name}['safe_plan'] must be a bool")
+        check_choice(auto["rate_rule"], f"{name}['rate_rule']", RATE_RULES)
+        check_choice(auto["strategy"], f"{name}['strategy']", STRATEGIES)
+        auto["growth_bound"] = _positive(auto["growth_bound"], f"{name}['growth_bound']")
+        if auto["complement_top"] is not None:
+            auto["complement_top"] = float(auto["complement_top"])
+        groups = auto["groups"]
+        if not isinstance(groups, (list, tuple)) or not all(
+                isinstance(g, (list, tuple)) and len(g) == 2 and all(isinstance(x, numbers.Real) for x in g)
+                for g in groups):
+            raise TypeError(f"{name}['groups'] must be a list of [a, b] pairs")
+        auto["groups"] = [[float(a), float(b)] for a, b in groups]
+        lam = auto["lambda_max"]
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
+            raise ValueError(f"{name}['lambda_max'] must be a finite number")
+        auto["lambda_max"] = float(lam)
+    return auto
+
+
+def _pop_rollback(state: dict[Any, Any], keys: list[Any], params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Remove the per-parameter rollback points from ``state`` (in place) and return them, checked, or None."""
+    entries = [state.get(k) for k in keys]
+    present = [isinstance(e, dict) and _ROLLBACK in e for e in entries]
+    if not any(present):
+        return None
+    if not all(present) or len(keys) != len(params):
+        k = next((k for k, has in zip(keys, present) if not has), None)
+        raise KeyError(f"state_dict['state'][{k!r}] has no {_ROLLBACK!r}, but other parameters' entries do")
+    snapshot = []
+    for k, e, p in zip(keys, entries, params):
+        assert isinstance(e, dict)  # checked above
+        point = e[_ROLLBACK]
+        if not isinstance(point, torch.Tensor) or point.shape != p.shape or point.dtype != p.dtype:
+            raise ValueError(f"state_dict['state'][{k!r}][{_ROLLBACK!r}] must be a {p.dtype} tensor of shape "
+                             f"{tuple(p.shape)} (its parameter's)")
+        if not bool(torch.isfinite(point).all()):
+            raise ValueError(f"state_dict['state'][{k!r}][{_ROLLBACK!r}] has non-finite entries")
+        snapshot.append(point.detach().to(p.device).clone())
+    for k in keys:
+        rest = {f: v for f, v in state[k].items() if f != _ROLLBACK}
+        if rest:
+            state[k] = rest
+        else:
+            del state[k]
+    return snapshot
+
+
 class AutoMrGD(MrGD):
     r"""MrGD whose rates come from the measured Hessian spectrum (module docstring).
 
@@ -320,6 +401,7 @@ class AutoMrGD(MrGD):
                 )
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_not_sharded(params, "AutoMrGD")  # NOTE: [no FSDP2 curvature]
         if not (
             isinstance(hessian, CurvatureOperator)
             or (isinstance(hessian, DistributedOperator) and isinstance(hessian.op, CurvatureOperator))
@@ -407,6 +489,10 @@ class AutoMrGD(MrGD):
         self.estimate: CurvatureEstimate | None = None
         self.plan: MultiratePlan | None = None
         self._snapshot: list[torch.Tensor] | None = None
+        self._measurements = 0  # measurements so far: each one seeds its probes with seed + this count
+        self._groups: list[ScaleGroup] | None = None  # the groups and lambda_max of the latest measurement
+        self._lambda_max = 0.0
+        self._growth_bound = 0.0
         self._complement_top: float | None = None
         self._safe_plan = False  # True while the safe single-rate schedule runs (NOTE: [safety])
         self._estimate_is_current = False  # the estimate was measured at the current parameters
@@ -424,7 +510,11 @@ class AutoMrGD(MrGD):
         )
         self.state[_AUTO_KEY] = {"step": 0, "last_estimate": 0, "since_check": 0, "ref_loss": None,
                                  "best_loss": None, "backoffs": 0, "interval": self.refresh_every,
-                                 "remeasure": False, "normal_lr_scale": lr_scale}
+                                 "remeasure": False, "normal_lr_scale": lr_scale, "safe_entries": 0}
+        if self.rollback:
+            # The first step is a check point and overwrites it; held from the start so that every state dict
+            # has the same entries (a checkpoint template from a fresh optimizer matches a saved one).
+            self._snapshot = [p.detach().clone() for p in params]
         self._install(estimate, plan)
 
     # ----------------------------------------------------------------------------------------------
@@ -456,7 +546,7 @@ class AutoMrGD(MrGD):
             start = self.estimate.eigenvectors
         t0 = time.perf_counter()
         estimate = estimate_curvature(
-            self.hessian, start=start, seed=self.seed + len(self.events), previous=self.estimate,
+            self.hessian, start=start, seed=self.seed + self._measurements, previous=self.estimate,
             **self._measure_kwargs
         )
         self.history_max_curvature = 0.0
@@ -466,6 +556,8 @@ class AutoMrGD(MrGD):
         if self.mode == "subspace":
             self._complement_top, extra_hvps = self._measure_complement(estimate)
         self.estimate, self.plan = estimate, plan
+        self._groups, self._lambda_max = list(estimate.groups), float(estimate.lambda_max)
+        self._measurements += 1
         self.events.append({
             "step": step,
             "kind": "estimate" if reason in ("start", "refresh") else "backoff",
@@ -517,7 +609,7 @@ class AutoMrGD(MrGD):
             return W - (W @ U.T) @ U
 
         res = lanczos(deflated, 1, block_size=1, n=op.n, dtype=op.dtype, device=op.device, tol=1e-2,
-                      max_iters=min(20, op.n - U.shape[0]), seed=self.seed + len(self.events),
+                      max_iters=min(20, op.n - U.shape[0]), seed=self.seed + self._measurements,
                       recompute_residuals=False)
         top = float(res.eigenvalues[0]) * self.lambda_max_margin + float(res.residual_estimates[0])
         return top, res.num_hvps
@@ -597,7 +689,7 @@ class AutoMrGD(MrGD):
     def _install(self, estimate: CurvatureEstimate, plan: MultiratePlan) -> None:
         group = self.param_groups[0]
         group["cycle"] = tuple(plan.cycle)
-        group["cycle_position"] = 0
+        group["cycle_position"].fill_(0)  # kept a tensor (NOTE: [tensor rate]): a checkpoint's layout never changes
         if self.mode == "subspace" and not self._safe_plan:
             basis, rates, base = self._subspace_arguments(estimate)
             self.set_subspace(basis, rates, base)
@@ -606,25 +698,6 @@ class AutoMrGD(MrGD):
         self._reset_momentum()
         peak = plan.peak_amplification if self.mode == "temporal" or self._safe_plan else 1.0
         self._growth_bound = self.max_loss_growth or min(10.0 * peak * peak, 1e30)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from :meth:`state_dict` after checking all of it: the MrGD fields (see
-        :meth:`MrGD.load_state_dict`) and the ``"multirate_auto"`` entry (step counters, refresh interval, back-off
-        count, reference and best losses, ...).
-
-        Raises TypeError/ValueError/KeyError naming the field; the optimizer is unchanged then.  The plan and the
-        curvature estimate are not part of the state: they stay those measured at construction (or since).
-        """
-        state = state_dict.get("state") if isinstance(state_dict, dict) else None
-        auto = None
-        if isinstance(state, dict):  # anything else: MrGD.load_state_dict names the problem
-            if _AUTO_KEY not in state:
-                raise KeyError(
-                    f"state_dict['state'] has no {_AUTO_KEY!r} entry (not a state from AutoMrGD.state_dict())")
-            auto = _checked_auto_state(state[_AUTO_KEY], f"state_dict['state'][{_AUTO_KEY!r}]")
-        super().load_state_dict(state_dict)
-        if auto is not None:  # a copy of its own: stepping must not write into the caller's state_dict
-            self.state[_AUTO_KEY] = auto
 
     # ----------------------------------------------------------------------------------------------
     # The accelerated subspace step
@@ -683,6 +756,81 @@ class AutoMrGD(MrGD):
             torch._foreach_sub_(bufs, self._direction)  # v = mu v + P g
             torch._foreach_add_(params, self._direction)
             torch._foreach_add_(params, bufs, alpha=-mu)  # x = x - P g - mu v
+
+    # ----------------------------------------------------------------------------------------------
+    # State
+    #
+    # NOTE: [AutoMrGD checkpoint]
+    # Besides MrGD's state (the cycle and its position, lr_scale, the subspace), a resumed run needs what its
+    # decisions read: the counters and losses of the checks, whether the safe schedule runs and the rate rule
+    # a back-off left, the growth bound, the complement's curvature, the latest groups and lambda_max, the
+    # number of measurements (it seeds the next one) and the rollback point. The scalars travel as
+    # param_groups[0]["auto"] (one dict: torch.distributed.checkpoint saves param-group values as they are),
+    # the rollback point per parameter (state[i]["rollback_point"]), as MrGD's subspace does (NOTE:
+    # [per-parameter checkpoint form]). Not saved: the last estimate's Ritz vectors and density, which only
+    # warm-start and shortcut the next measurement (a resumed run's next measurement starts from the
+    # estimate its constructor made and agrees with the uninterrupted one to the Lanczos tolerance), the
+    # one-step gradient history (the secant watch restarts at the next small step), ``plan`` and ``events``
+    # (the cycle itself is restored; the events are a log of this process).
+
+    def state_dict(self) -> dict[str, Any]:
+        """MrGD's state dict plus what AutoMrGD's decisions read (NOTE: [AutoMrGD checkpoint])."""
+        state_dict = super().state_dict()
+        state = dict(state_dict["state"])
+        auto = dict(state.pop(_AUTO_KEY))
+        auto.update({
+            "measurements": self._measurements, "safe_plan": self._safe_plan,
+            "rate_rule": self._plan_kwargs["rate_rule"], "strategy": self._plan_kwargs["strategy"],
+            "growth_bound": self._growth_bound, "complement_top": self._complement_top,
+            "groups": [[g.a, g.b] for g in self._groups or []], "lambda_max": self._lambda_max,
+        })
+        group = state_dict["param_groups"][0]
+        group[_STATE_GROUP_KEY] = auto
+        if self._snapshot is not None:
+            for key, snap in zip(group["params"], self._snapshot):
+                state[key] = {**state.get(key, {}), _ROLLBACK: snap.clone()}
+        state_dict["state"] = state
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` after checking all of it; the optimizer is unchanged when it
+        raises (TypeError/ValueError/KeyError naming the field). A resumed run takes the uninterrupted run's
+        decisions (NOTE: [AutoMrGD checkpoint])."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), (list, tuple)) \
+                or not state_dict["param_groups"] or not isinstance(state_dict.get("state"), dict):
+            raise TypeError("state_dict must be a dict with 'state' and 'param_groups' (from AutoMrGD.state_dict())")
+        group = state_dict["param_groups"][0]
+        state = dict(state_dict["state"])
+        if isinstance(group, dict) and _STATE_GROUP_KEY in group:
+            auto = group[_STATE_GROUP_KEY]
+            name = f"state_dict['param_groups'][0][{_STATE_GROUP_KEY!r}]"
+            groups = [{k: v for k, v in group.items() if k != _STATE_GROUP_KEY}, *state_dict["param_groups"][1:]]
+        elif _AUTO_KEY in state:  # the in-memory form, as written before the param-group form
+            auto = state.pop(_AUTO_KEY)
+            name = f"state_dict['state'][{_AUTO_KEY!r}]"
+            groups = list(state_dict["param_groups"])
+        else:
+            raise KeyError(f"state_dict has no AutoMrGD state (param_groups[0][{_STATE_GROUP_KEY!r}])")
+        auto = _check_auto_state(auto, name)
+        params = self.param_groups[0]["params"]
+        keys = group.get("params", []) if isinstance(group, dict) else []
+        snapshot = _pop_rollback(state, list(keys), params)
+        super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
+        # Checked above: nothing below can fail.
+        extras = {k: auto.pop(k) for k in _AUTO_EXTRAS if k in auto}
+        self.state[_AUTO_KEY] = auto
+        if snapshot is not None:
+            self._snapshot = snapshot
+        if extras:
+            self._measurements = extras["measurements"]
+            self._safe_plan = extras["safe_plan"]
+            self._plan_kwargs["rate_rule"] = extras["rate_rule"]
+            self._plan_kwargs["strategy"] = extras["strategy"]
+            self._growth_bound = extras["growth_bound"]
+            self._complement_top = extras["complement_top"]
+            self._groups = [ScaleGroup(a, b) for a, b in extras["groups"]] or None
+            self._lambda_max = extras["lambda_max"]
+        self._history = None
 
     # ----------------------------------------------------------------------------------------------
     # Stepping with the safety checks
@@ -771,7 +919,7 @@ class AutoMrGD(MrGD):
             auto["normal_lr_scale"] = group["lr_scale"]
             group["lr_scale"] = 1.0
             # Each failed return to the multirate plan doubles the time on the safe schedule.
-            auto["safe_entries"] = auto.get("safe_entries", 0) + 1
+            auto["safe_entries"] += 1
             auto["interval"] = min(self.refresh_every * 2 ** (auto["safe_entries"] - 1), self.max_refresh_interval)
             what = "safe rate 1/lambda_max until the next refresh"
         else:
@@ -811,7 +959,7 @@ class AutoMrGD(MrGD):
     def _refresh(self, params: list[torch.Tensor]) -> None:
         """Re-measure at a check point; lengthen the interval when the groups did not move."""
         auto = self.state[_AUTO_KEY]
-        old = self.estimate.groups if self.estimate is not None else None
+        old = self._groups
         if self._safe_plan:  # try the multirate plan again (NOTE: [safety])
             self._safe_plan = False
             self.param_groups[0]["lr_scale"] = auto["normal_lr_scale"]
@@ -840,10 +988,10 @@ class AutoMrGD(MrGD):
                 if group["maximize"]:
                     curvature = -curvature
                 self.history_max_curvature = max(self.history_max_curvature, curvature)
-                if self.estimate is not None and curvature > self.lambda_max_margin * self.estimate.lambda_max:
+                if self._groups is not None and curvature > self.lambda_max_margin * self._lambda_max:
                     self.state[_AUTO_KEY]["remeasure"] = True
         lr = group["lr_scale"] * group["cycle"][group["cycle_position"]]
-        if self.estimate is not None and lr * self.estimate.lambda_max <= 1.0 + 1e-12:
+        if self._groups is not None and lr * self._lambda_max <= 1.0 + 1e-12:
             self._history = (torch.cat([p.detach().reshape(-1) for p in params]),
                              torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
                                         for p in params]))
@@ -886,12 +1034,10 @@ class AutoMrGD(MrGD):
             if self.rollback:
                 params = self.param_groups[0]["params"]
                 auto["estimate_at_snapshot"] = self._estimate_is_current
-                if self._snapshot is None:
-                    self._snapshot = [p.detach().clone() for p in params]
-                else:
-                    with torch.no_grad():
-                        for s, p in zip(self._snapshot, params):
-                            s.copy_(p)
+                assert self._snapshot is not None  # taken at construction
+                with torch.no_grad():
+                    for s, p in zip(self._snapshot, params):
+                        s.copy_(p)
             auto["ref_loss"] = _as_float(loss)
             best = auto.get("best_loss")
             auto["best_loss"] = auto["ref_loss"] if best is None else min(best, auto["ref_loss"])

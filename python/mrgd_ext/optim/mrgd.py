@@ -38,7 +38,7 @@ from mrgd_ext._validation import (
 )
 from mrgd_ext.ops import reference as _reference
 from mrgd_ext.ops import step_ops as _ops
-from mrgd_ext.optim import _dtensor
+from mrgd_ext.optim import _checkpoint, _dtensor
 
 __all__ = ["MrGD", "MultirateLR", "mrgd", "cycle_of"]
 
@@ -205,31 +205,35 @@ def _check_position(pos: Any, n: int, name: str) -> int:
     return check_int(pos, name, 0, n - 1)
 
 
-def _check_subspace_state(sub: Any, params: list[torch.Tensor], name: str, *, values: bool = True) -> None:
+def _check_subspace_state(sub: Any, params: list[torch.Tensor], name: str, *, values: bool = True,
+                          field_names: dict[str, str] | None = None) -> None:
     """The subspace entry of the state (basis, column_rates, base_lr) against the current parameters (their
-    local shards for DTensors). ``values``: also the basis's orthonormality and the rates' finiteness (passes
-    over the data: on loading, not before every step, where the entry is the one set_subspace checked)."""
+    local shards for DTensors). ``values``: also the rates' finiteness (a pass over the data: on loading, not
+    before every step, where the entry is the one set_subspace checked; the basis's orthonormality is checked
+    by the caller, over all ranks when the basis is sharded). ``field_names``: how to name each field in
+    messages (default ``name['field']``)."""
     if not isinstance(sub, dict):
         raise TypeError(f"{name} must be a dict, got {type(sub).__name__}")
-    for key in ("basis", "column_rates", "base_lr"):
+    names = {key: f"{name}[{key!r}]" for key in ("basis", "column_rates", "base_lr")}
+    names.update(field_names or {})
+    for key in names:
         if key not in sub:
             raise KeyError(f"{name} has no {key!r}")
     basis = sub["basis"]
     if not isinstance(basis, torch.Tensor):
-        raise TypeError(f"{name}['basis'] must be a tensor of shape [r, n_total], got {type(basis).__name__}")
+        raise TypeError(f"{names['basis']} must be a tensor of shape [r, n_total], got {type(basis).__name__}")
     if not params:
         raise ValueError(f"{name}: the subspace mode needs one param group with parameters")
-    check_basis(basis, sum(_dtensor.local(p).numel() for p in params), basis.device, name=f"{name}['basis']")
-    if values:
-        check_orthonormal_rows(basis, f"{name}['basis']")
+    check_basis(basis, sum(_dtensor.local(p).numel() for p in params), basis.device, name=names["basis"])
     rates = sub["column_rates"]
     if not isinstance(rates, torch.Tensor) or rates.dim() != 1 or rates.numel() != basis.shape[0]:
-        raise ValueError(f"{name}['column_rates'] must be a 1-D tensor with {basis.shape[0]} entries (one per row)")
+        raise ValueError(f"{names['column_rates']} must be a 1-D tensor with {basis.shape[0]} entries "
+                         "(one per row)")
     if not rates.is_floating_point():
-        raise ValueError(f"{name}['column_rates'] must be a floating tensor")
+        raise ValueError(f"{names['column_rates']} must be a floating tensor")
     if values and (not bool(torch.isfinite(rates).all()) or bool((rates <= 0).any())):
-        raise ValueError(f"{name}['column_rates'] must be finite and > 0")
-    check_positive_rate(sub["base_lr"], f"{name}['base_lr']")
+        raise ValueError(f"{names['column_rates']} must be finite and > 0")
+    check_positive_rate(sub["base_lr"], names["base_lr"])
 
 
 _GROUP_KEYS = ("cycle", "cycle_position", "lr_scale", "lr", "weight_decay", "maximize", "foreach", "fused")
@@ -373,7 +377,6 @@ class MrGD(Optimizer):
         super().__init__(params, defaults)
         # GradScaler hands grad_scale/found_inf to optimizers that declare this (torch.optim convention).
         self._step_supports_amp_scaling = True
-        self.register_load_state_dict_post_hook(MrGD._move_subspace_to_params)  # type: ignore[arg-type]  # torch types the hook's argument as the base Optimizer
         self.register_state_dict_post_hook(MrGD._detach_group_tensors)  # type: ignore[arg-type]  # torch types the hook's argument as the base Optimizer
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -424,11 +427,59 @@ class MrGD(Optimizer):
                     g[key] = g[key].clone()
         return state_dict
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state, as ``torch.optim.Optimizer.state_dict``; a subspace state is written per
+        parameter (NOTE: [per-parameter checkpoint form]) so ``torch.distributed.checkpoint`` can save it."""
+        state_dict = super().state_dict()
+        state = dict(state_dict["state"])
+        sub = state.pop(_SUBSPACE_KEY, None)
+        if len(state_dict["param_groups"]) == 1:
+            group = state_dict["param_groups"][0]
+            _checkpoint.pack_subspace(sub, self.param_groups[0]["params"], group["params"], state, group)
+        elif sub is not None:  # not reachable through set_subspace (one group); kept as it is in memory
+            state[_SUBSPACE_KEY] = sub
+        state_dict["state"] = state
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from :meth:`state_dict` after checking all of it (group fields, subspace entry).
+        """Load a state from :meth:`state_dict` (or from ``set_optimizer_state_dict``) after checking all of it
+        (group fields, subspace entries).
 
         Raises TypeError/ValueError/KeyError naming the group and the field; the optimizer is unchanged then.
+        With DTensor parameters (FSDP2) loading is collective over their mesh: every rank calls it, and a state
+        rejected on one rank raises on every rank (NOTE: [per-parameter checkpoint form]).
         """
+        params = [p for g in self.param_groups for p in g["params"]]
+        shard_group = getattr(self, "_process_group", None) if self.subspace_enabled else None
+        shard_group = shard_group if shard_group is not None else _checkpoint.mesh_group(params)
+        error: BaseException | None = None
+        sub = None
+        try:
+            state_dict, sub = self._unpack_state_dict(state_dict)
+        except (TypeError, ValueError, KeyError) as exc:
+            error = exc
+        if shard_group is not None:
+            device = _dtensor.local(params[0]).device
+            _checkpoint.agree(error, 0 if sub is None else int(sub["basis"].shape[0]), shard_group, device,
+                              "load_state_dict")
+        elif error is not None:
+            raise error
+        if sub is not None:
+            _checkpoint.check_orthonormal(sub["basis"], shard_group, "state_dict subspace basis")
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["cycle"] = tuple(float(r) for r in group["cycle"])
+            _own_group_tensors(group)
+        if sub is not None:
+            device = self.param_groups[0]["params"][0].device
+            self.state[_SUBSPACE_KEY] = {"basis": sub["basis"].to(device),
+                                         "column_rates": sub["column_rates"].to(device),
+                                         "base_lr": float(sub["base_lr"])}
+            if getattr(self, "_process_group", None) is None:
+                self._process_group = _checkpoint.mesh_group(self.param_groups[0]["params"])
+
+    def _unpack_state_dict(self, state_dict: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Check a state dict; return it without its subspace fields, and the subspace entry (or None)."""
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
             raise TypeError("state_dict must be a dict with 'state' and 'param_groups' (from MrGD.state_dict())")
         groups = state_dict["param_groups"]
@@ -444,15 +495,24 @@ class MrGD(Optimizer):
         state = state_dict["state"]
         if not isinstance(state, dict):
             raise TypeError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
-        if _SUBSPACE_KEY in state:
+        params = self.param_groups[0]["params"] if self.param_groups else []
+        sub, state = _checkpoint.unpack_subspace(state, list(groups[0]["params"]) if groups else [], params,
+                                                 groups[0].get(_checkpoint.ROWS) if groups else None,
+                                                 "state_dict")
+        field_names = None
+        if sub is not None:
+            field_names = {"basis": f"state_dict['state'][...][{_checkpoint.BASIS!r}]",
+                           "column_rates": f"state_dict['state'][...][{_checkpoint.RATES!r}]",
+                           "base_lr": f"state_dict['state'][...][{_checkpoint.BASE_LR!r}]"}
+        elif _SUBSPACE_KEY in state:  # the in-memory form, as written before the per-parameter form
+            state = dict(state)
+            sub = state.pop(_SUBSPACE_KEY)
+        if sub is not None:
             if len(self.param_groups) != 1:
                 raise ValueError("state_dict['state'] has a subspace entry but the optimizer has several param groups")
-            _check_subspace_state(state[_SUBSPACE_KEY], self.param_groups[0]["params"],
-                                  f"state_dict['state'][{_SUBSPACE_KEY!r}]")
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group["cycle"] = tuple(float(r) for r in group["cycle"])
-            _own_group_tensors(group)
+            _check_subspace_state(sub, params, f"state_dict['state'][{_SUBSPACE_KEY!r}]", field_names=field_names)
+        groups = [{k: v for k, v in g.items() if k != _checkpoint.ROWS} for g in groups]
+        return {**state_dict, "state": state, "param_groups": groups}, sub
 
     # ----------------------------------------------------------------------------------------------
     # Subspace (spatial) mode.
@@ -524,15 +584,6 @@ class MrGD(Optimizer):
     @property
     def subspace_enabled(self) -> bool:
         return _SUBSPACE_KEY in self.state
-
-    @staticmethod
-    def _move_subspace_to_params(optimizer: MrGD) -> None:
-        sub = optimizer.state.get(_SUBSPACE_KEY)
-        if sub is None or not optimizer.param_groups[0]["params"]:
-            return
-        device = optimizer.param_groups[0]["params"][0].device
-        sub["basis"] = sub["basis"].to(device)
-        sub["column_rates"] = sub["column_rates"].to(device)
 
     # ----------------------------------------------------------------------------------------------
 
