@@ -51,7 +51,7 @@ Subspace mode (Ritz rates, restarted Nesterov momentum on the preconditioned ste
 training suite (benchmarks/results/training_cpu.md, full budgets) it ends lower than temporal mode on six of seven
 problems (the raw-diabetes MLP: the same loss to 4 digits) with fewer HVPs on five (11-273 against 66-1135; its
 Lanczos measures no SLQ density), and it meets targets there that temporal mode misses (gap 1e-6 on raw least
-squares and logistic regression; 0.07-0.2x GD's time on softmax regression, the wine MLP and the CNN).
+squares and logistic regression; 0.06-0.19x GD's time on softmax regression, the wine MLP and the CNN).
 
 NOTE: [gradient noise]
 With minibatch gradients every step also injects noise, and a large step multiplies the noise that the small
