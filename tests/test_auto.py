@@ -918,3 +918,37 @@ def test_secant_back_off_shrinks_by_the_curvature_along_the_rejected_step():
     assert 0 < t_star < opt.backoff
     assert opt.param_groups[0]["lr_scale"] == pytest.approx(1e3 * t_star, rel=1e-9)
     assert torch.equal(opt._snapshot[0], x0)  # rolled back to the check point
+
+
+def _noisy_run(monkeypatch_noise_off: bool, steps: int = 400):
+    eigs = _spectrum()
+    w, w_star, H, op, _closure_for = _problem(eigs)
+    opt = AutoMrGD([w], op, num_eigs=4, refresh_every=10**6)
+    if monkeypatch_noise_off:
+        opt._learn_loss_noise = lambda restored: None
+    gen = torch.Generator().manual_seed(0)
+
+    def closure():  # exact gradient, loss reported with a +-30% batch-to-batch spread (a minibatch loss)
+        opt.zero_grad()
+        d = w - w_star
+        loss = 0.5 * d @ (H @ d)
+        loss.backward()
+        return loss.detach() * (1.0 + 0.3 * (2.0 * torch.rand((), generator=gen, dtype=torch.float64) - 1.0))
+
+    e0 = float(torch.linalg.vector_norm(w.detach() - w_star))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(steps):
+            opt.step(closure)
+    return opt, float(torch.linalg.vector_norm(w.detach() - w_star)) / e0
+
+
+def test_guard_learns_the_spread_of_a_noisy_loss():
+    # NOTE: [loss noise]: a rollback re-evaluates the loss at the check point; the spread it sees widens the
+    # check-point slack, so a minibatch-like loss does not shrink the rates to nothing and end in RuntimeError.
+    opt, ratio = _noisy_run(False)
+    assert opt.state["multirate_auto"].get("loss_noise", 0.0) > 0.05
+    assert ratio < 0.5
+    # Without learning the spread, the same run backs off until it declares the closure broken.
+    with pytest.raises(RuntimeError, match="closure"):
+        _noisy_run(True, steps=3000)

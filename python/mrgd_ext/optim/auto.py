@@ -200,7 +200,15 @@ _AUTO_STATE_FIELDS: dict[str, tuple[bool, Callable[[Any, str], Any]]] = {
     # The secant back-off's probe (NOTE: [secant back-off]) and whether the estimate belongs to the check point.
     "probe_slope": (False, lambda v, n: None if v is None else check_finite_scalar(v, n)),
     "estimate_at_snapshot": (False, check_bool),
+    # The batch-to-batch spread of the closure's loss, learned at rollbacks (NOTE: [loss noise]).
+    "loss_noise": (False, lambda v, n: _nonnegative(check_finite_scalar(v, n), n)),
 }
+
+
+def _nonnegative(value: float, name: str) -> float:
+    if value < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
 
 
 def _checked_auto_state(auto: Any, name: str) -> dict[str, Any]:
@@ -854,7 +862,8 @@ class AutoMrGD(MrGD):
         # previous one a loss could creep up by loss_slack per interval forever without a violation.
         best = self.state[_AUTO_KEY].get("best_loss")
         best = ref if best is None else best
-        if check_point and loss > best + abs(best) * self.loss_slack + 1e-12:
+        slack = self.loss_slack + 2.0 * self.state[_AUTO_KEY].get("loss_noise", 0.0)  # NOTE: [loss noise]
+        if check_point and loss > best + abs(best) * slack + 1e-12:
             if best < ref:
                 return f"the loss rose to {loss:.6g}, above the lowest check-point loss {best:.6g}"
             return f"the loss rose from {ref:.6g} to {loss:.6g} over one check interval"
@@ -955,7 +964,25 @@ class AutoMrGD(MrGD):
             stacklevel=3,
         )
         with torch.enable_grad():
-            return closure()
+            restored = closure()
+        self._learn_loss_noise(restored)
+        return restored
+
+    def _learn_loss_noise(self, restored: Any) -> None:
+        # NOTE: [loss noise]
+        # After a rollback the closure is evaluated again at the parameters of the check point whose loss is
+        # ref_loss. A deterministic closure returns the same value; a minibatch closure returns another batch's
+        # loss, and the relative difference is a sample of the batch-to-batch spread. Check points then allow
+        # loss_slack plus twice the largest spread seen (loss_noise): otherwise a minibatch loss above the best
+        # one seen so far would count as a rise forever, and the rates would shrink to nothing.
+        auto = self.state[_AUTO_KEY]
+        ref = auto.get("ref_loss")
+        value = _as_float(restored)
+        if not self.rollback or ref is None or ref == 0.0 or not math.isfinite(value):
+            return
+        spread = abs(value - ref) / abs(ref)
+        if spread > auto.get("loss_noise", 0.0):
+            auto["loss_noise"] = spread
 
     def _refresh(self, params: list[torch.Tensor]) -> None:
         """Re-measure at a check point; lengthen the interval when the groups did not move."""
