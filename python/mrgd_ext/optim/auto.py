@@ -519,11 +519,21 @@ class AutoMrGD(MrGD):
         )
         self.state[_AUTO_KEY] = {"step": 0, "last_estimate": 0, "since_check": 0, "ref_loss": None,
                                  "best_loss": None, "backoffs": 0, "interval": self.refresh_every,
-                                 "remeasure": False, "normal_lr_scale": lr_scale, "safe_entries": 0}
+                                 "remeasure": False, "normal_lr_scale": lr_scale, "safe_entries": 0,
+                                 # Every field from the start (a checkpoint template names all of them):
+                                 # momentum (NOTE: [accelerated subspace step]), the secant probe (NOTE:
+                                 # [secant back-off]) and the loss spread (NOTE: [loss noise]).
+                                 "momentum_steps": 0, "previous_loss": None, "probe_slope": None,
+                                 "estimate_at_snapshot": False, "loss_noise": 0.0}
         if self.rollback:
             # The first step is a check point and overwrites it; held from the start so that every state dict
             # has the same entries (a checkpoint template from a fresh optimizer matches a saved one).
             self._snapshot = [p.detach().clone() for p in params]
+        if self.acceleration is not None:
+            # Held from the start for the same reason: a checkpoint template from a fresh optimizer (what
+            # torch.distributed.checkpoint loads into) must name every entry a saved state has.
+            for p in params:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
         self._install(estimate, plan)
 
     # ----------------------------------------------------------------------------------------------
