@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -416,29 +417,37 @@ def test_public_names():
         assert hasattr(mrgd_ext, name)
 
 
-def test_auto_state_dict_resumes_the_same_trajectory():
+def _resume_matches(kwargs: dict, stop_after: Callable[[AutoMrGD], int], steps_after: int) -> dict:
+    """Run, save a (deep-copied) state, run on; then restore parameters and state into a new optimizer and run
+    the same steps: the parameters must match bit for bit. Returns the resumed optimizer's state right after
+    loading, for the caller's checks."""
     eigs = _spectrum()
     w, _w_star, _H, op, closure_for = _problem(eigs)
-    kwargs = {"mode": "temporal", "density_order": eigs.size, "max_groups": None, "refresh_every": 10**6}
     opt = AutoMrGD([w], op, **kwargs)
     closure = closure_for(opt)
-    for _ in range(opt.plan.cycle_length + 7):  # stop mid-cycle
+    for _ in range(stop_after(opt)):
         opt.step(closure)
-    state = opt.state_dict()
+    state = copy.deepcopy(opt.state_dict())  # as with torch.optim: state_dict() shares the live state
     saved = w.detach().clone()
-    for _ in range(25):
+    for _ in range(steps_after):
         opt.step(closure)
     expected = w.detach().clone()
-
     with torch.no_grad():
         w.copy_(saved)
     resumed = AutoMrGD([w], op, **kwargs)
     resumed.load_state_dict(state)
-    assert resumed.param_groups[0]["cycle_position"] == 7
+    loaded = copy.deepcopy(resumed.state_dict())
     closure2 = closure_for(resumed)
-    for _ in range(25):
+    for _ in range(steps_after):
         resumed.step(closure2)
     assert torch.equal(w.detach(), expected)
+    return loaded
+
+
+def test_auto_state_dict_resumes_the_same_trajectory():
+    kwargs = {"mode": "temporal", "density_order": _spectrum().size, "max_groups": None, "refresh_every": 10**6}
+    loaded = _resume_matches(kwargs, lambda opt: opt.plan.cycle_length + 7, 25)  # stop mid-cycle
+    assert loaded["param_groups"][0]["cycle_position"] == 7
 
 
 def _auto_after_steps(steps=12, **kwargs):
@@ -866,26 +875,8 @@ def test_accelerated_step_restarts_when_the_loss_rises():
 
 def test_auto_subspace_state_dict_resumes_the_same_trajectory():
     # The momentum buffer travels with the per-parameter state, its counter with the AutoMrGD entry.
-    eigs = _spectrum()
-    w, _w_star, _H, op, closure_for = _problem(eigs)
-    kwargs = {"num_eigs": 4, "block_size": 2, "refresh_every": 10**6}
-    opt = AutoMrGD([w], op, **kwargs)
-    closure = closure_for(opt)
-    for _ in range(9):
-        opt.step(closure)
-    state = copy.deepcopy(opt.state_dict())  # as with torch.optim: state_dict() shares the live state
-    saved = w.detach().clone()
-    for _ in range(15):
-        opt.step(closure)
-    expected = w.detach().clone()
-    with torch.no_grad():
-        w.copy_(saved)
-    resumed = AutoMrGD([w], op, **kwargs)
-    resumed.load_state_dict(state)
-    closure2 = closure_for(resumed)
-    for _ in range(15):
-        resumed.step(closure2)
-    assert torch.equal(w.detach(), expected)
+    loaded = _resume_matches({"num_eigs": 4, "block_size": 2, "refresh_every": 10**6}, lambda opt: 9, 15)
+    assert loaded["param_groups"][0]["auto"]["momentum_steps"] == 9
 
 
 def test_auto_acceleration_bad_input():
