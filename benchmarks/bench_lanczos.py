@@ -42,6 +42,7 @@ The default cap lets power iteration run long enough that its count means someth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -237,6 +238,41 @@ def _skipped(method: str, exc: BaseException) -> dict:
     return {"method": method, "skipped": f"{type(exc).__name__}: {exc}"[:200]}
 
 
+@contextlib.contextmanager
+def _pyhessian(model):
+    """PyHessian's module with its Hessian-vector products counted (``count["n"]``), float64 as the default
+    dtype (it draws its vectors with torch.randn at the default dtype) and, for its density, ``torch.eig``
+    (removed from torch 2; PyHessian 0.1 calls it on its symmetric tridiagonal matrix) stood in by ``eigh``
+    with the old return shape. Everything is restored on exit."""
+    pyh_mod = importlib.import_module("pyhessian.hessian")  # the package re-exports a class of that name
+    count = {"n": 0}
+    hvp = pyh_mod.hessian_vector_product
+
+    def counted_hvp(gradsH, params, v):
+        count["n"] += 1
+        return hvp(gradsH, params, v)
+
+    def eig(T, eigenvectors=True):
+        vals, vecs = torch.linalg.eigh(T)
+        return torch.stack([vals, torch.zeros_like(vals)], 1), vecs
+
+    old_eig = getattr(torch, "eig", None)
+    old_dtype = torch.get_default_dtype()
+    pyh_mod.hessian_vector_product = counted_hvp
+    torch.eig = eig
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield pyh_mod, count
+    finally:
+        torch.set_default_dtype(old_dtype)
+        pyh_mod.hessian_vector_product = hvp
+        if old_eig is None:
+            del torch.eig
+        else:
+            torch.eig = old_eig
+        model.zero_grad(set_to_none=True)
+
+
 def third_party_eigs(model, loss_fn, X, y, k: int, exact: np.ndarray, quick: bool) -> list[dict]:
     """curvlinops + eigsh, PyHessian and hessian-eigenthings where importable (benchmark-only deps), each
     with its products counted at the library's own Hessian-vector product."""
@@ -263,20 +299,7 @@ def third_party_eigs(model, loss_fn, X, y, k: int, exact: np.ndarray, quick: boo
     except Exception as e:
         rows.append(_skipped("curvlinops + eigsh", e))
     try:
-        pyh_mod = importlib.import_module("pyhessian.hessian")  # the package re-exports a class of that name
-
-        count = {"n": 0}
-        hvp = pyh_mod.hessian_vector_product
-
-        def counted_hvp(gradsH, params, v):
-            count["n"] += 1
-            return hvp(gradsH, params, v)
-
-        pyh_mod.hessian_vector_product = counted_hvp
-        old_dtype = torch.get_default_dtype()
-        # PyHessian draws its vectors with torch.randn at the default dtype: float64 for a float64 model.
-        torch.set_default_dtype(torch.float64)
-        try:
+        with _pyhessian(model) as (pyh_mod, count):
             for tol in ((1e-3,) if quick else (1e-3, 1e-6)):
                 torch.manual_seed(0)
                 count["n"] = 0
@@ -284,10 +307,6 @@ def third_party_eigs(model, loss_fn, X, y, k: int, exact: np.ndarray, quick: boo
                 h = pyh_mod.hessian(model, loss_fn, data=(X, y), cuda=False)
                 vals, _ = h.eigenvalues(maxIter=100 if tol >= 1e-3 else 1000, tol=tol, top_n=k)
                 rows.append(_row(f"PyHessian power tol {tol:g}", count["n"], time.perf_counter() - t0, vals, exact, k))
-        finally:
-            torch.set_default_dtype(old_dtype)
-            pyh_mod.hessian_vector_product = hvp
-            model.zero_grad(set_to_none=True)
     except Exception as e:
         rows.append(_skipped("PyHessian", e))
     try:
@@ -362,42 +381,12 @@ def density_runs(base, model, loss_fn, X, y, exact: np.ndarray, probes: int, ord
     except Exception as e:
         rows.append(_skipped("hessian-eigenthings spectral_density", e))
     try:
-        pyh_mod = importlib.import_module("pyhessian.hessian")  # the package re-exports a class of that name
-
-        count = {"n": 0}
-        hvp = pyh_mod.hessian_vector_product
-
-        def counted_hvp(gradsH, params, v):
-            count["n"] += 1
-            return hvp(gradsH, params, v)
-
-        pyh_mod.hessian_vector_product = counted_hvp
-        # PyHessian 0.1 calls torch.eig (removed from torch 2; a stub that raises remains): a symmetric
-        # stand-in on eigh with the old return shape (values as [m, 2] real/imaginary, vectors), for its
-        # symmetric tridiagonal matrix, while it runs.
-        old_eig = getattr(torch, "eig", None)
-
-        def _eig(T, eigenvectors=True):
-            vals, vecs = torch.linalg.eigh(T)
-            return torch.stack([vals, torch.zeros_like(vals)], 1), vecs
-
-        torch.eig = _eig
-        old_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
+        with _pyhessian(model) as (pyh_mod, count):
             torch.manual_seed(0)
             t0 = time.perf_counter()
             h = pyh_mod.hessian(model, loss_fn, data=(X, y), cuda=False)
             nodes, weights = h.density(iter=order, n_v=probes)
             wall = time.perf_counter() - t0
-        finally:
-            torch.set_default_dtype(old_dtype)
-            pyh_mod.hessian_vector_product = hvp
-            if old_eig is None:
-                del torch.eig
-            else:
-                torch.eig = old_eig
-            model.zero_grad(set_to_none=True)
         w = np.asarray(weights, dtype=np.float64)
         rows.append({"method": "PyHessian density", "hvps": count["n"], "wall_s": wall,
                      "l1_error": l1(np.asarray(nodes), w / w.shape[0]),
