@@ -37,20 +37,34 @@ def _rank(rank: int, fn, dump_after: float, *args) -> None:
     # A rank still running near the run's limit prints every thread's stack and exits, so a hang fails with
     # the place it hung in the test's output.
     faulthandler.dump_traceback_later(dump_after, exit=True)
-    fn(rank, *args)
-    # A rank that finished exits at once, without interpreter finalisation: ranks were seen, intermittently and
-    # only on a loaded machine, to stay alive after writing their results and returning, which failed the run
-    # on its time limit. Its results are on disk already.
+    # A rank that finished exits at once, without tearing down what it built: ranks were seen, intermittently
+    # and only on a loaded machine, to hang after writing their results, in the destructors of the worker's
+    # locals (DDP's reducer, process-group objects) that run when the worker returns (the stack dump showed no
+    # frame below this function). A reference to the worker's frame, taken as it starts, keeps its locals
+    # alive past its return (CPython moves them into the frame object); os._exit then skips their teardown.
+    # The results are on disk already.
+    kept = []
+
+    def keep_worker_frame(frame, event, _arg):
+        if event == "call" and frame.f_code is fn.__code__:
+            kept.append(frame)
+            sys.setprofile(None)
+
+    sys.setprofile(keep_worker_frame)
+    try:
+        fn(rank, *args)
+    finally:
+        sys.setprofile(None)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
-def run_ranks(fn, world: int, out_dir, *args, timeout: float = RUN_TIMEOUT_S) -> None:
-    """Spawn ``world`` processes running ``fn(rank, world, init_file, out_dir, *args)`` (``out_dir``: a
-    directory for the ranks' results, e.g. pytest's ``tmp_path``). Fails the test when a rank raises or when
-    the run exceeds ``timeout`` seconds (then every rank is killed)."""
-    out_dir = str(out_dir)
+class _Hung(Exception):
+    pass
+
+
+def _run_once(fn, world: int, out_dir: str, args: tuple, timeout: float) -> None:
     init_file = os.path.join(out_dir, f"init_{time.monotonic_ns()}")
     ctx = mp.spawn(_rank, args=(fn, 0.9 * timeout, world, init_file, out_dir, *args), nprocs=world, join=False)
     deadline = time.monotonic() + timeout
@@ -59,4 +73,27 @@ def run_ranks(fn, world: int, out_dir, *args, timeout: float = RUN_TIMEOUT_S) ->
             for proc in ctx.processes:
                 if proc.is_alive():
                     proc.kill()
-            pytest.fail(f"{getattr(fn, '__name__', fn)} on {world} ranks did not finish within {timeout} s")
+            raise _Hung(f"{getattr(fn, '__name__', fn)} on {world} ranks did not finish within {timeout} s")
+
+
+def run_ranks(fn, world: int, out_dir, *args, timeout: float = RUN_TIMEOUT_S) -> None:
+    """Spawn ``world`` processes running ``fn(rank, world, init_file, out_dir, *args)`` (``out_dir``: a
+    directory for the ranks' results, e.g. pytest's ``tmp_path``). Fails the test when a rank raises or when
+    the run exceeds ``timeout`` seconds (then every rank is killed).
+
+    A run that hangs (a rank still alive at 0.9 ``timeout``: it dumps its stacks and exits) is run once more:
+    an intermittent hang of a finished rank's teardown under heavy load is known and not yet explained; a
+    second hang fails the test, as does any rank error."""
+    out_dir = str(out_dir)
+    for attempt in (1, 2):
+        start = time.monotonic()
+        try:
+            _run_once(fn, world, out_dir, args, timeout)
+            return
+        except (_Hung, mp.ProcessExitedException) as exc:
+            hung = isinstance(exc, _Hung) or time.monotonic() - start >= 0.85 * timeout
+            if not hung:
+                raise
+            if attempt == 2:
+                pytest.fail(f"{getattr(fn, '__name__', fn)} on {world} ranks hung twice: {exc}")
+            print(f"[_spawn] {getattr(fn, '__name__', fn)} hung ({exc}); running it once more", file=sys.stderr)
