@@ -574,6 +574,7 @@ LOAD_AUTO = {
     "best_loss tensor": (_auto("best_loss", torch.tensor(1.0)), TypeError, r"\['best_loss'\] must be a Python"),
     "remeasure int": (_auto("remeasure", 1), TypeError, r"\['remeasure'\] must be a bool"),
     "loss_noise negative": (_auto("loss_noise", -0.1), ValueError, r"\['loss_noise'\] must be >= 0"),
+    "loss_floor negative": (_auto("loss_floor", -1e-9), ValueError, r"\['loss_floor'\] must be >= 0"),
     "normal_lr_scale 0": (_auto("normal_lr_scale", 0.0), ValueError, r"\['normal_lr_scale'\] must be a finite"),
     "normal_lr_scale nan": (_auto("normal_lr_scale", float("nan")), ValueError, r"\['normal_lr_scale'\]"),
     "missing interval": (lambda sd: sd["param_groups"][0]["auto"].pop("interval"), KeyError,

@@ -202,6 +202,8 @@ _AUTO_STATE_FIELDS: dict[str, tuple[bool, Callable[[Any, str], Any]]] = {
     "estimate_at_snapshot": (False, check_bool),
     # The batch-to-batch spread of the closure's loss, learned at rollbacks (NOTE: [loss noise]).
     "loss_noise": (False, lambda v, n: _nonnegative(check_finite_scalar(v, n), n)),
+    # The rounding resolution of the closure's loss, set at the first step (NOTE: [loss floor]).
+    "loss_floor": (False, lambda v, n: _nonnegative(check_finite_scalar(v, n), n)),
 }
 
 
@@ -503,6 +505,7 @@ class AutoMrGD(MrGD):
         self._lambda_max = 0.0
         self._growth_bound = 0.0
         self._complement_top: float | None = None
+        self._complement_vector: torch.Tensor | None = None  # warm start of the next complement run
         self._safe_plan = False  # True while the safe single-rate schedule runs (NOTE: [safety])
         self._estimate_is_current = False  # the estimate was measured at the current parameters
         self._history: tuple[torch.Tensor, torch.Tensor] | None = None  # (params, grad) before a small step
@@ -517,6 +520,7 @@ class AutoMrGD(MrGD):
             params, plan=plan, lr_scale=lr_scale, weight_decay=weight_decay, maximize=maximize,
             foreach=foreach, fused=fused,
         )
+        self._initial_lr_scale = float(self.param_groups[0]["lr_scale"])  # validated by MrGD
         self.state[_AUTO_KEY] = {"step": 0, "last_estimate": 0, "since_check": 0, "ref_loss": None,
                                  "best_loss": None, "backoffs": 0, "interval": self.refresh_every,
                                  "remeasure": False, "normal_lr_scale": lr_scale, "safe_entries": 0,
@@ -524,7 +528,7 @@ class AutoMrGD(MrGD):
                                  # momentum (NOTE: [accelerated subspace step]), the secant probe (NOTE:
                                  # [secant back-off]) and the loss spread (NOTE: [loss noise]).
                                  "momentum_steps": 0, "previous_loss": None, "probe_slope": None,
-                                 "estimate_at_snapshot": False, "loss_noise": 0.0}
+                                 "estimate_at_snapshot": False, "loss_noise": 0.0, "loss_floor": 0.0}
         if self.rollback:
             # The first step is a check point and overwrites it; held from the start so that every state dict
             # has the same entries (a checkpoint template from a fresh optimizer matches a saved one).
@@ -574,6 +578,8 @@ class AutoMrGD(MrGD):
         extra_hvps = 0
         if self.mode == "subspace":
             self._complement_top, extra_hvps = self._measure_complement(estimate)
+        if self._groups is not None and 0.0 < self._lambda_max < float(estimate.lambda_max):
+            self._recover_scale(float(estimate.lambda_max) / self._lambda_max)
         self.estimate, self.plan = estimate, plan
         self._groups, self._lambda_max = list(estimate.groups), float(estimate.lambda_max)
         self._measurements += 1
@@ -590,6 +596,22 @@ class AutoMrGD(MrGD):
             "density_reused": estimate.density_reused,
         })
         return estimate, plan
+
+    def _recover_scale(self, growth: float) -> None:
+        # NOTE: [scale recovery]
+        # A back-off shrinks lr_scale because the rates were too large for the curvature along the path: the
+        # measured lambda_max was too small (a saturated start, curvature that grew). A new measurement that
+        # finds lambda_max larger by ``growth`` lowers every planned rate by that much itself, so the shrink
+        # it explains is undone (up to the constructor's lr_scale, or the safe rate itself): otherwise the two
+        # corrections multiply, and a start measured 1e8 times too flat would keep rates 1e8 times too small
+        # for good. A shrink the new curvature does not explain stays.
+        group = self.param_groups[0]
+        auto = self.state[_AUTO_KEY]
+        cap = 1.0 if self._safe_plan else self._initial_lr_scale
+        group["lr_scale"] = min(max(cap, group["lr_scale"]), group["lr_scale"] * growth)
+        if self._safe_plan:
+            auto["normal_lr_scale"] = min(max(self._initial_lr_scale, auto["normal_lr_scale"]),
+                                          auto["normal_lr_scale"] * growth)
 
     def _plan(self, estimate: CurvatureEstimate) -> MultiratePlan:
         if self._safe_plan:
@@ -617,6 +639,8 @@ class AutoMrGD(MrGD):
         # group "closed" by the smallest Ritz value may continue below it. It is measured instead, by a short
         # Lanczos run on the deflated operator (I - U^T U) H (I - U^T U) (tolerance 1e-2, at most 20 products),
         # and raised by lambda_max_margin plus its residual estimate: Krylov values approach from below.
+        # It starts from the previous run's Ritz vector when there is one: the complement's top direction
+        # moves little between measurements, so a refresh needs a few products instead of up to 20.
         U = estimate.eigenvectors
         if U is None or U.shape[0] >= U.shape[1]:
             return None, 0
@@ -627,9 +651,13 @@ class AutoMrGD(MrGD):
             W = op.matmat(V)
             return W - (W @ U.T) @ U
 
+        start = self._complement_vector
+        if start is not None and (start.shape[1] != op.n or start.dtype != op.dtype or start.device != op.device):
+            start = None
         res = lanczos(deflated, 1, block_size=1, n=op.n, dtype=op.dtype, device=op.device, tol=1e-2,
                       max_iters=min(20, op.n - U.shape[0]), seed=self.seed + self._measurements,
-                      recompute_residuals=False)
+                      recompute_residuals=False, start=start)
+        self._complement_vector = res.eigenvectors[:1].detach().clone()
         top = float(res.eigenvalues[0]) * self.lambda_max_margin + float(res.residual_estimates[0])
         return top, res.num_hvps
 
@@ -866,20 +894,39 @@ class AutoMrGD(MrGD):
             return f"the loss is {loss}"
         if ref is None:
             return None
-        # A loss near zero has no meaningful relative increase; the absolute floor avoids false alarms there.
-        allowance = abs(ref) * self.loss_slack + 1e-12
+        # A loss near zero has no meaningful relative increase; the absolute floor avoids false alarms there
+        # (NOTE: [loss floor]).
+        floor = max(self.state[_AUTO_KEY].get("loss_floor", 0.0), 1e-12)
+        allowance = abs(ref) * self.loss_slack + floor
         # Check points compare with the lowest check-point loss so far, not the previous one: against the
         # previous one a loss could creep up by loss_slack per interval forever without a violation.
         best = self.state[_AUTO_KEY].get("best_loss")
         best = ref if best is None else best
         slack = self.loss_slack + 2.0 * self.state[_AUTO_KEY].get("loss_noise", 0.0)  # NOTE: [loss noise]
-        if check_point and loss > best + abs(best) * slack + 1e-12:
+        if check_point and loss > best + abs(best) * slack + floor:
             if best < ref:
                 return f"the loss rose to {loss:.6g}, above the lowest check-point loss {best:.6g}"
             return f"the loss rose from {ref:.6g} to {loss:.6g} over one check interval"
         if loss > abs(ref) * self._growth_bound + allowance:
             return f"the loss grew from {ref:.6g} to {loss:.6g}, beyond {self._growth_bound:.3g}x"
         return None
+
+    def _loss_floor(self, loss: Any) -> float:
+        # NOTE: [loss floor]
+        # A loss computed in a dtype with unit roundoff eps from terms of the size of its initial value carries
+        # rounding errors of about eps |L_0| whatever its own value: a float32 cross-entropy that has fallen
+        # to 1e-8 (log(1 + tiny) rounds to 0 or to a multiple of 1.2e-7 per sample) moves by 1e-9..1e-8 from
+        # step to step with no change of the true loss. Without a floor those movements count as rises at the
+        # check points: every one rolls back and re-measures the curvature (tens of HVPs) for nothing. So
+        # the checks allow an absolute eps(dtype) |L_0| beyond their relative slack, eps of the loss tensor's
+        # dtype (of the parameters' for a Python float): 2.7e-7 for a float32 loss starting at 2.3, 5e-16 for
+        # a float64 one -- a loss judged to within a relative 1e-7 (float32) of where it began.
+        if isinstance(loss, torch.Tensor) and loss.is_floating_point():
+            dtype = loss.dtype
+        else:
+            dtype = self.param_groups[0]["params"][0].dtype
+        value = abs(_as_float(loss))
+        return torch.finfo(dtype).eps * value if math.isfinite(value) else 0.0
 
     def _slope_from_snapshot(self) -> float | None:
         """g0^T d of the step just taken from the check point (g0: its gradient; NOTE: [secant back-off])."""
@@ -900,15 +947,27 @@ class AutoMrGD(MrGD):
         # halving alone saves the ~log2(1/t*) rejected steps of repeated halvings when the curvature along the
         # path is orders of magnitude above the measured one (raw-feature logistic regression leaving its
         # saturated start, say).
+        #
+        # A loss that grows only linearly along the step (logistic or softmax regression whose margins the step
+        # flips: f ~ K t for large t) fools the quadratic model: t* then shrinks by about the same factor at
+        # every retry, and a start whose measured curvature is 1e8 times too small takes a dozen rejected
+        # steps. So when the loss blew up (beyond the growth bound) again right after a back-off -- the
+        # quadratic model failed once -- the factor is also capped by the chord: along a line where f is
+        # convex, f(t) <= f0 + t (f1 - f0), so at t_c = f0 / (f1 - f0) the loss at most doubles, one retry
+        # below the growth bound however far the step overshot. Not at the first blow-up: on a quadratic
+        # t* is exact and t_c can be orders of magnitude smaller.
         auto = self.state[_AUTO_KEY]
         slope, f0 = auto.get("probe_slope"), auto.get("ref_loss")
         if (not self.rollback or self._snapshot is None or auto["since_check"] != 1 or slope is None or f0 is None
                 or not slope < 0.0 or not math.isfinite(loss)):
             return self.backoff
+        factor = self.backoff
         curvature = 2.0 * (float(loss) - float(f0) - float(slope))
-        if not curvature > 0.0:
-            return self.backoff
-        return min(self.backoff, max(-float(slope) / curvature, _SAFE_SCALE_LIMIT))
+        if curvature > 0.0:
+            factor = min(factor, -float(slope) / curvature)
+        if auto["backoffs"] >= 2 and f0 > 0.0 and loss > abs(f0) * self._growth_bound:
+            factor = min(factor, float(f0) / (float(loss) - float(f0)))
+        return max(factor, _SAFE_SCALE_LIMIT)
 
     def _back_off(self, reason: str, closure: Callable[[], Any], loss: float) -> Any:
         auto = self.state[_AUTO_KEY]
@@ -960,6 +1019,10 @@ class AutoMrGD(MrGD):
             })
             self.plan = plan
             measured = "curvature kept (measured at that point)"
+            if factor < self.backoff:
+                # The step's own secant saw curvature the estimate does not hold (NOTE: [secant back-off]): it
+                # lies along the path, not at the check point, so measure again at the next check point passed.
+                auto["remeasure"] = True
         else:
             estimate, plan = self._measure(params, step=auto["step"], reason=reason)
             auto["last_estimate"] = auto["step"]
@@ -1044,6 +1107,8 @@ class AutoMrGD(MrGD):
         closure = global_closure(closure, self.hessian)  # DistributedOperator probe: the ranks' mean loss
         with torch.enable_grad():
             loss = closure()
+        if auto["step"] == 0:
+            auto["loss_floor"] = self._loss_floor(loss)
         check_point = self._at_check_point()
         reason = self._violation(_as_float(loss), check_point)
         if reason is not None and check_point and self._momentum_active() and self._violation(
