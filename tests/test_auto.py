@@ -945,7 +945,7 @@ def test_guard_learns_the_spread_of_a_noisy_loss():
         _noisy_run(True, steps=3000)
 
 
-def _float32_run_with_rounding_noise(amplitude: float, steps: int = 600):
+def _float32_run_with_rounding_noise(amplitude: float, steps: int = 600, refresh_every: int = 10**6):
     """A float32 quadratic whose loss carries a deterministic +-amplitude * eps32 * L_0 wobble (how a float32
     loss near its rounding floor behaves), run by AutoMrGD to convergence; returns the optimizer."""
     eigs = _spectrum()
@@ -956,7 +956,7 @@ def _float32_run_with_rounding_noise(amplitude: float, steps: int = 600):
         d = plist[0] - w_star
         return 0.5 * d @ (H @ d)
 
-    opt = AutoMrGD([w], HessianOperator.from_closure(loss_of, [w]), num_eigs=4, refresh_every=10**6)
+    opt = AutoMrGD([w], HessianOperator.from_closure(loss_of, [w]), num_eigs=4, refresh_every=refresh_every)
     with torch.no_grad():
         l0 = float(loss_of([w]))
     calls = [0]
@@ -1032,3 +1032,14 @@ def test_back_off_from_a_flat_start_takes_the_chord_after_the_quadratic_model_fa
     assert max(e["lambda_max"] for e in opt.events) > 1e6 * opt.events[0]["lambda_max"]
     opt, loss = _saturated_logistic_run(600)
     assert loss < 0.09  # f* = 0.0731 on the full data set; the start is at ~66
+
+
+def test_refresh_waits_while_the_loss_is_below_its_rounding_floor():
+    # NOTE: [loss floor]: a due refresh at a check point whose loss is below eps32 |L_0| is postponed (and its
+    # interval doubled): it could neither improve nor be judged by the loss.
+    opt, final, l0 = _float32_run_with_rounding_noise(0.4, steps=600, refresh_every=20)
+    floor = opt.state["multirate_auto"]["loss_floor"]
+    assert final * l0 < floor  # the run went below the floor
+    refreshes = [e["step"] for e in opt.events if e["reason"] == "refresh"]
+    assert refreshes and refreshes[-1] < 300  # measured while converging, not for the last half of the run
+    assert opt.state["multirate_auto"]["interval"] > 20

@@ -1132,7 +1132,13 @@ class AutoMrGD(MrGD):
                 group["lr_scale"] = min(1.0, 2.0 * group["lr_scale"])
         if check_point:
             due = auto["step"] - auto["last_estimate"] >= auto["interval"] or auto["remeasure"]
-            if reason is None and due:
+            if reason is None and due and not auto["remeasure"] and abs(_as_float(loss)) <= auto["loss_floor"]:
+                # NOTE: [loss floor]: a loss below its rounding floor shows no progress that new rates could
+                # improve or that a check could judge; the refresh waits (interval doubled) instead of spending
+                # tens of products on a converged run.
+                auto["last_estimate"] = auto["step"]
+                auto["interval"] = min(2 * auto["interval"], self.max_refresh_interval)
+            elif reason is None and due:
                 self._refresh(self.param_groups[0]["params"])
             if self.rollback:
                 params = self.param_groups[0]["params"]
