@@ -24,8 +24,12 @@ schedule: one rate ``1 / (lambda_max_margin * lambda_max)`` from the measured ``
 of any function whose curvature along the path stays below ``lambda_max_margin * lambda_max`` (gradient
 descent below ``2 / L``); further violations there shrink that rate (by ``backoff``, or by the secant factor when
 the violation came one step after the check point: NOTE: [secant back-off]), and each step that passes its check
-doubles it again, up to the safe rate. A back-off rolled back to the point the current estimate was measured at
-keeps that estimate (measuring again would return the same groups). The
+doubles it again, up to the safe rate; a blow-up that repeats right after a back-off is cut by the chord
+instead, NOTE: [secant back-off]). A back-off rolled back to the point the current estimate was measured at
+keeps that estimate (measuring again would return the same groups) and, when the step's own secant saw more
+curvature than it holds, re-measures at the next check point passed; a measurement that finds ``lambda_max``
+larger gives back the rate shrink that growth explains (NOTE: [scale recovery]). Every check allows the loss's
+rounding floor ``eps(dtype) * |L_0|`` on top of its slack (NOTE: [loss floor]). The
 multirate plan is tried again at the next refresh. :class:`RuntimeError` is raised only for a broken closure:
 a non-finite loss at the restored parameters, or a loss that keeps rising at a rate ``2**-40`` times the safe
 one. Nothing diverges silently.
@@ -38,8 +42,9 @@ b = 4 took 46-124, and the deflated remainder is accelerated anyway); Lanczos st
 1e-2 (group edges to about that accuracy; the plan carries a margin on ``lambda_max``, and in subspace mode the
 residuals cap the base rate: NOTE: [basis accuracy]), warm-started from the previous Ritz vectors; the SLQ density is
 re-measured only when the top of the spectrum has moved (:func:`mrgd_ext.curvature.estimate_curvature`).
-Refreshes are adaptive: the interval starts at ``refresh_every`` and doubles (up to
-``max_refresh_interval``) each time a refresh finds the same groups; and in temporal mode the optimisation's
+The complement's top (subspace mode) is warm-started from its previous Ritz vector. Refreshes are adaptive:
+the interval starts at ``refresh_every`` and doubles (up to ``max_refresh_interval``) each time a refresh finds
+the same groups or the loss is below its rounding floor (NOTE: [loss floor]); and in temporal mode the optimisation's
 own history triggers an early one at zero HVP cost: each small step (rate at most ``1 / lambda_max``) gives
 the secant Rayleigh quotient ``s^T (g_{k+1} - g_k) / s^T s`` of the Hessian along the step
 (:func:`mrgd_ext.curvature.history_ritz` in its one-step form); when it exceeds the planned top
