@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_training.py"
@@ -88,3 +89,19 @@ def test_target_verdicts_follow_from_the_numbers(tiny_result):
         never = all(r["status"] == "ok" for r in res["runs"] if r["method"] in bench_training.AUTO_METHODS)
         assert c["items"][0]["pass"] == never
     assert checks["pass"] == all(c["pass"] for c in checks["per_problem"].values())
+
+
+def test_the_paper_mlp_problem_is_selectable_but_not_default():
+    assert "mlp_paper_digits" in bench_training.EXTRA_PROBLEMS
+    assert "mlp_paper_digits" not in bench_training.PROBLEMS
+    prob = bench_training.make_problem("mlp_paper_digits")
+    model = bench_training.model_for(prob, 0)
+    assert sum(p.numel() for p in model.parameters()) == 64 * 1024 + 1024 + 1024 * 128 + 128 + 128 * 10 + 10
+    with torch.no_grad():
+        assert math.isfinite(float(prob.loss_of(model)))
+
+
+@pytest.mark.parametrize("name", ["../x", "a b", ""])
+def test_results_name_must_be_a_plain_file_stem(name):
+    with pytest.raises(SystemExit):
+        bench_training.main(["--results-name", name, "--problems", "ls_diabetes", "--quick"])
