@@ -25,7 +25,7 @@ of any function whose curvature along the path stays below ``lambda_max_margin *
 descent below ``2 / L``); further violations there shrink that rate (by ``backoff``, or by the secant factor when
 the violation came one step after the check point: NOTE: [secant back-off]), and each step that passes its check
 doubles it again, up to the safe rate; a blow-up that repeats right after a back-off is cut by the chord
-instead, NOTE: [secant back-off]). A back-off rolled back to the point the current estimate was measured at
+instead (NOTE: [secant back-off]). A back-off rolled back to the point the current estimate was measured at
 keeps that estimate (measuring again would return the same groups) and, when the step's own secant saw more
 curvature than it holds, re-measures at the next check point passed; a measurement that finds ``lambda_max``
 larger gives back the rate shrink that growth explains (NOTE: [scale recovery]). Every check allows the loss's
@@ -821,7 +821,8 @@ class AutoMrGD(MrGD):
     # the rollback point per parameter (state[i]["rollback_point"]), as MrGD's subspace does (NOTE:
     # [per-parameter checkpoint form]). Not saved: the last estimate's Ritz vectors and density, which only
     # warm-start and shortcut the next measurement (a resumed run's next measurement starts from the
-    # estimate its constructor made and agrees with the uninterrupted one to the Lanczos tolerance), the
+    # estimate its constructor made and agrees with the uninterrupted one to the Lanczos tolerance; so does the
+    # complement's Ritz vector, its warm start), the
     # one-step gradient history (the secant watch restarts at the next small step), ``plan`` and ``events``
     # (the cycle itself is restored; the events are a log of this process).
 
@@ -1137,7 +1138,7 @@ class AutoMrGD(MrGD):
                 group["lr_scale"] = min(1.0, 2.0 * group["lr_scale"])
         if check_point:
             due = auto["step"] - auto["last_estimate"] >= auto["interval"] or auto["remeasure"]
-            if reason is None and due and not auto["remeasure"] and abs(_as_float(loss)) <= auto["loss_floor"]:
+            if reason is None and due and not auto["remeasure"] and abs(_as_float(loss)) <= auto.get("loss_floor", 0.0):
                 # NOTE: [loss floor]: a loss below its rounding floor shows no progress that new rates could
                 # improve or that a check could judge; the refresh waits (interval doubled) instead of spending
                 # tens of products on a converged run.
