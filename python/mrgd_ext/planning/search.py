@@ -18,6 +18,7 @@ from mrgd_ext.planning.polynomials import (
     allowed_degree,
     chebyshev_growth,
     chebyshev_log_poly,
+    cycles_needed,
     least_count,
     level_rates_unordered,
     log_abs_poly,
@@ -36,8 +37,9 @@ _MAX_EXHAUSTIVE_GAPS = 5  # 2**5 merge patterns; beyond that merging is greedy
 def fine_counts(
     spectrum: Sequence[ScaleGroup], members: Sequence[Sequence[int]], kind: str, rate_rule: str,
     degrees: Sequence[int], tol: float,
-) -> tuple[int, ...] | None:
-    """The count rule evaluated on the fine grid (the search used the coarse one)."""
+) -> tuple[tuple[int, ...], float] | None:
+    """The count rule evaluated on the fine grid (the search used the coarse one), and the log-contraction
+    max log|P_cycle| of the resulting cycle on that grid (summed in another order than :func:`assemble` does)."""
     groups = hulls(spectrum, members)
     grid = Grid.build(spectrum, members, fine=True)
     lam, owner = grid.points, grid.owner
@@ -56,7 +58,22 @@ def fine_counts(
             return None
         counts.append(n)
         log_p = n * len(rates) * log_p + s
-    return tuple(counts)
+    return tuple(counts), float(log_p.max())
+
+
+def predicted_range(cycle_length: int, log_rho: float, tol: float) -> tuple[float, float]:
+    """Bounds on the predicted iterations of a cycle whose log-contraction is ``log_rho`` up to rounding.
+
+    :func:`assemble` sums the same log-factors in another order (relative error far below 1e-6 even over a
+    million steps), so its prediction lies in these bounds; an unbounded top means "may not contract".
+    """
+    if log_rho == -math.inf:
+        return float(cycle_length), float(cycle_length)
+    slack = 1e-6 * abs(log_rho) + 1e-9
+    if log_rho + slack >= 0.0:  # assembled and judged as before: it may contract by a hair, or be refused
+        return 0.0, math.inf
+    return (float(cycle_length * cycles_needed(log_rho - slack, tol)),
+            float(cycle_length * cycles_needed(log_rho + slack, tol)))
 
 
 def cycle_length_of(degrees: Sequence[int], counts: Sequence[int]) -> int:
@@ -381,8 +398,12 @@ class _LevelSearch:
         """
         best: _Candidate | None = None
         seen: dict[tuple[int, tuple[int, ...]], tuple[_Candidate | None, float]] = {}
+        starts: list[list[int]] = []
         for d0 in (1, 4, 8):
             choice = [int(np.argmin(np.abs(self.D[k] - d0))) for k in range(self.m)] + [0]
+            if choice not in starts:  # a start already taken ends where it ended before
+                starts.append(choice)
+        for choice in starts:
             pre = self.prefixes(choice)
             cur = self.best_row(pre[-1]) if len(pre) == self.m + 1 else None
             for _ in range(6):
@@ -435,46 +456,155 @@ def _merge_patterns(num: int) -> Iterable[tuple[tuple[int, ...], ...]]:
         yield tuple(runs)
 
 
+Pattern = tuple[tuple[int, ...], ...]
+
+
+def _runs_from_cuts(n: int, cuts: Iterable[int]) -> Pattern:
+    """The pattern of range(n) cut before each group in ``cuts``."""
+    b = [0, *sorted(cuts), n]
+    return tuple(tuple(range(b[k], b[k + 1])) for k in range(len(b) - 1))
+
+
+def _cuts_of(members: Pattern) -> frozenset[int]:
+    return frozenset(run[0] for run in members[1:])
+
+
+def _seed_patterns(spectrum: Sequence[ScaleGroup]) -> list[Pattern]:
+    """Starting patterns for the merge search of many groups, by number of runs m = 1 .. n.
+
+    Two per m (often the same): the partition minimising the sum over runs of sqrt(b_first / a_last) -- the
+    square root of a run's condition, what a Chebyshev cycle on it costs -- which cuts at large gaps and keeps
+    runs balanced where the gaps are alike (a dynamic programme over run ends); and the cuts at the m - 1
+    largest gaps log(a_k / b_{k+1}), ties broken toward the middle of the spectrum.
+    """
+    n = len(spectrum)
+    log_a = np.log([g.a for g in spectrum])
+    log_b = np.log([g.b for g in spectrum])
+    # best[m][j]: least cost of the first j groups in m runs; arg[m][j]: where its last run starts.
+    best = np.full((n + 1, n + 1), np.inf)
+    arg = np.zeros((n + 1, n + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for m in range(1, n + 1):
+        for j in range(m, n + 1):
+            i = np.arange(m - 1, j)
+            # Halved log-condition, clipped: a run too wide to cost a finite float is as bad as can be.
+            c = best[m - 1, i] + np.exp(np.minimum(0.5 * (log_b[i] - log_a[j - 1]), 700.0))
+            k = int(np.argmin(c))
+            best[m, j], arg[m, j] = c[k], i[k]
+    gaps = [float(log_a[i] - log_b[i + 1]) for i in range(n - 1)]
+    # Round so that gaps equal up to float noise tie, and break ties toward balanced runs.
+    by_size = sorted(range(n - 1), key=lambda i: (-round(gaps[i], 9), abs(i + 1 - n / 2), i))
+    out: list[Pattern] = []
+    for m in range(1, n + 1):
+        cuts, j = [], n
+        for mm in range(m, 0, -1):
+            j = int(arg[mm, j])
+            cuts.append(j)
+        for pattern in (_runs_from_cuts(n, [c for c in cuts if c > 0]),
+                        _runs_from_cuts(n, [i + 1 for i in by_size[:m - 1]])):
+            if pattern not in out:
+                out.append(pattern)
+    return out
+
+
+def _neighbours(members: Pattern, n: int) -> list[Pattern]:
+    """Patterns one step from ``members``: a cut moved by one group, two adjacent runs merged, or a run split
+    in its middle."""
+    cuts = _cuts_of(members)
+    out: list[Pattern] = []
+    for c in sorted(cuts):
+        for moved in (c - 1, c + 1):
+            if 0 < moved < n and moved not in cuts:
+                out.append(_runs_from_cuts(n, (cuts - {c}) | {moved}))
+        out.append(_runs_from_cuts(n, cuts - {c}))
+    for run in members:
+        if len(run) > 1:
+            out.append(_runs_from_cuts(n, cuts | {run[len(run) // 2]}))
+    return out
+
+
+_PATIENCE = 3  # run counts in a row without a better plan before the upward scan stops
+_REFINE_ROUNDS = 4  # hill-climbing moves per start at most
+_UNMERGED_START = 1.5  # the unmerged pattern is refined too when its plan is within this factor of the best
+
+
+def _search_many(
+    spectrum: tuple[ScaleGroup, ...], kind: str, rate_rule: str, tol: float, max_degree: int,
+    max_cycle_length: int, cache: SearchCache,
+) -> list[tuple[_Candidate, Pattern]]:
+    """Merge-pattern search for more groups than can be searched exhaustively.
+
+    NOTE: [merge search] Seed patterns (:func:`_seed_patterns`) are scored from few runs upward -- few runs
+    are cheap to search -- until :data:`_PATIENCE` run counts in a row bring no better plan.  The best of
+    them, and the unmerged pattern when its plan is within :data:`_UNMERGED_START` of that best, are then
+    refined by best-improvement hill climbing over :func:`_neighbours` (at most :data:`_REFINE_ROUNDS` moves
+    each): one merge of the unmerged pattern is one such move, and the measured predictions per pattern are
+    uneven enough (the degree search is itself a local search) that a start near the finest structure pays.
+    Beyond two levels each pattern gets the coordinate-descent degree search (exhaustive up to two), as in
+    :func:`_search` but without its exhaustive three-level case, which costs ten times more.  Every pattern
+    returned was actually searched, so the caller ranks plans whose cost is known.
+    """
+    n = len(spectrum)
+    found: dict[Pattern, _Candidate | None] = {}
+
+    def evaluate(members: Pattern) -> _Candidate | None:
+        if members not in found:
+            search = _LevelSearch(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
+            found[members] = search.exhaustive() if len(members) <= 2 else search.coordinate_descent()
+        return found[members]
+
+    def better(c: _Candidate | None, than: _Candidate | None) -> bool:
+        return c is not None and (than is None or c.key < than.key)
+
+    def climb(cand: _Candidate, members: Pattern) -> None:
+        for _ in range(_REFINE_ROUNDS):
+            step = (cand, members)
+            for nb in _neighbours(members, n):
+                c = evaluate(nb)
+                if better(c, step[0]):
+                    step = (c, nb)  # type: ignore[assignment]
+            if step[1] == members:
+                return
+            cand, members = step
+
+    best: _Candidate | None = None
+    best_members: Pattern = ()
+    seeds = _seed_patterns(spectrum)
+    stale = 0
+    for m in range(1, n + 1):
+        improved = False
+        for members in (p for p in seeds if len(p) == m):
+            c = evaluate(members)
+            if better(c, best):
+                best, best_members, improved = c, members, True
+        if best is not None:
+            stale = 0 if improved else stale + 1
+            if stale >= _PATIENCE:
+                break
+    unmerged = tuple((i,) for i in range(n))
+    fine = evaluate(unmerged)
+    if best is not None:
+        climb(best, best_members)
+    if fine is not None and (best is None or fine.predicted <= _UNMERGED_START * best.predicted):
+        climb(fine, unmerged)
+    return [(c, members) for members, c in found.items() if c is not None]
+
+
 def _best_over_merges(
     spectrum: tuple[ScaleGroup, ...], kind: str, rate_rule: str, tol: float, max_degree: int,
     max_cycle_length: int, merge: bool,
-) -> list[tuple[_Candidate, tuple[tuple[int, ...], ...]]]:
-    """Best candidate per merge pattern (all patterns for few gaps, greedy pairwise merging otherwise)."""
+) -> list[tuple[_Candidate, Pattern]]:
+    """Best candidate per merge pattern searched (all patterns for few gaps, :func:`_search_many` otherwise)."""
     n = len(spectrum)
-    unmerged = tuple((i,) for i in range(n))
-    results = []
     cache = SearchCache(spectrum)
-    if not merge or n == 1:
-        patterns: Iterable[tuple[tuple[int, ...], ...]] | None = [unmerged]
-    elif n - 1 <= _MAX_EXHAUSTIVE_GAPS:
-        patterns = _merge_patterns(n)
-    else:
-        patterns = None  # greedy below
-    if patterns is not None:
-        for members in patterns:
-            cand = _search(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
-            if cand is not None:
-                results.append((cand, members))
-        return results
-    # Greedy: merge the adjacent pair that lowers predicted iterations most, until nothing improves.
-    members = unmerged
-    cur = _search(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
-    if cur is not None:
-        results.append((cur, members))
-    while len(members) > 1:
-        trials = []
-        for i in range(len(members) - 1):
-            trial = members[:i] + (members[i] + members[i + 1],) + members[i + 2:]
-            cand = _search(spectrum, trial, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
-            if cand is not None:
-                trials.append((cand, trial))
-        if not trials:
-            break
-        cand, trial = min(trials, key=lambda ct: ct[0].key)
-        if cur is not None and cand.predicted >= cur.predicted:
-            break
-        results.append((cand, trial))
-        cur, members = cand, trial
+    if merge and n - 1 > _MAX_EXHAUSTIVE_GAPS:
+        return _search_many(spectrum, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
+    patterns = _merge_patterns(n) if merge and n > 1 else [tuple((i,) for i in range(n))]
+    results = []
+    for members in patterns:
+        cand = _search(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
+        if cand is not None:
+            results.append((cand, members))
     return results
 
 
@@ -573,13 +703,22 @@ def plan_multirate(
     # Re-evaluate the most promising few on the fine grid (counts may grow by one there) and pick the best.
     options.sort(key=lambda o: (o[1].predicted, o[1].cycle_length))
     finalists = options[:3]
-    plans = []
+    scored = []
     for label, cand, members in finalists:
         kind = "nested" if label == "nested" else "chebyshev"
-        counts = fine_counts(spectrum, members, kind, rate_rule, cand.degrees, tol)
-        if counts is None or cycle_length_of(cand.degrees, counts) > max_cycle_length:
+        fine = fine_counts(spectrum, members, kind, rate_rule, cand.degrees, tol)
+        if fine is None or cycle_length_of(cand.degrees, fine[0]) > max_cycle_length:
             continue
-        plans.append(assemble(spectrum, members, label, rate_rule, cand.degrees, counts, tol))
+        counts, log_rho = fine
+        scored.append((label, members, cand.degrees, counts,
+                       predicted_range(cycle_length_of(cand.degrees, counts), log_rho, tol)))
+    # Only finalists that may tie the least prediction can win: assemble (the costly part) just those.
+    least_top = min((bounds[1] for *_, bounds in scored), default=math.inf)
+    plans = [
+        assemble(spectrum, members, label, rate_rule, degrees, counts, tol)
+        for label, members, degrees, counts, bounds in scored
+        if bounds[0] <= least_top
+    ]
     if not plans:
         raise ValueError(f"no {strategy} plan contracts every group on the fine grid; merge groups")
     rank = {"nested": 0, "chebyshev-nested": 1, "chebyshev": 2}
