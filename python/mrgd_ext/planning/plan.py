@@ -264,15 +264,18 @@ def assemble(
                 )
             factors = [log_abs_factor(r, coarse.points) for r in rates]
             candidates = fractal_orders(len(rates))
-            best_perm, best_score = candidates[0], math.inf
+            best_perm, best_score, level = candidates[0], math.inf, None
             for perm in candidates:
                 runs = level_runs(block_c, [factors[i] for i in perm], npts_c)
                 score = float(np.max(np.maximum(runs.run, runs.suffix + runs.prefix)))
                 if score < best_score - 1e-12:
-                    best_perm, best_score = perm, score
+                    best_perm, best_score, level = perm, score, runs
+                elif level is None:  # candidates[0], the default order, until one scores better
+                    level = runs
             rates = rates[best_perm]
+        else:
+            level = level_runs(block_c, [log_abs_factor(r, coarse.points) for r in rates], npts_c)
         ordered_levels.append(rates)
-        level = level_runs(block_c, [log_abs_factor(r, coarse.points) for r in rates], npts_c)
         block_c = level.repeat(counts[k]) if k < len(groups) - 1 else None
 
     # Cycle: C_0 = level-0 rates; C_k = [B, s_1, B, s_2, ...] with B = C_{k-1} * n_{k-1}.

@@ -54,8 +54,12 @@ class Grid:
 
 
 def log_abs_factor(rate: float, lam: np.ndarray) -> np.ndarray:
+    # In place on one buffer: 1 + lam * (-rate) is bit-for-bit 1 - rate * lam, without three temporaries.
+    out = np.multiply(lam, -rate)
+    out += 1.0
+    np.abs(out, out=out)
     with np.errstate(divide="ignore"):
-        return np.log(np.abs(1.0 - rate * lam))
+        return np.log(out, out=out)
 
 
 def log_abs_poly(rates: Iterable[float], lam: np.ndarray, counts: Iterable[int] | None = None) -> np.ndarray:
@@ -218,12 +222,29 @@ class Runs:
 
 
 def level_runs(block: Runs | None, log_factors: Sequence[np.ndarray], npts: int) -> Runs:
-    acc = Runs.empty(npts)
+    """``block, step(f_0), block, step(f_1), ...`` (no blocks if ``block`` is None), accumulated in place:
+    the same operations as chaining :meth:`Runs.then`, without allocating four arrays per step."""
+    total, prefix, suffix, run = (np.zeros(npts) for _ in range(4))
+    tmp = np.empty(npts)
+    parts = [(block.total, block.prefix, block.suffix, block.run)] if block is not None else []
+
+    def then(o_total: np.ndarray, o_prefix: np.ndarray, o_suffix: np.ndarray, o_run: np.ndarray) -> None:
+        # Each field from the old values of the others (see Runs.then): run, then prefix, suffix, total.
+        np.add(suffix, o_prefix, out=tmp)
+        np.maximum(run, o_run, out=run)
+        np.maximum(run, tmp, out=run)
+        np.add(total, o_prefix, out=tmp)
+        np.maximum(prefix, tmp, out=prefix)
+        np.add(suffix, o_total, out=suffix)
+        np.maximum(o_suffix, suffix, out=suffix)
+        np.add(total, o_total, out=total)
+
     for f in log_factors:
-        if block is not None:
-            acc = acc.then(block)
-        acc = acc.then(Runs.step(f))
-    return acc
+        for part in parts:
+            then(*part)
+        pos = np.maximum(0.0, f)
+        then(f, pos, pos, pos)
+    return Runs(total, prefix, suffix, run)
 
 
 def least_count(log_p: np.ndarray, s: np.ndarray, reps_per_count: int, log_target: float) -> int | None:

@@ -388,8 +388,9 @@ class _LevelSearch:
             out.append(nxt)
         return out
 
-    def coordinate_descent(self) -> _Candidate | None:
-        """From a few starts, vary one level at a time to its best candidate until nothing improves.
+    def coordinate_descent(self, start_degrees: Sequence[int] = (1, 4, 8)) -> _Candidate | None:
+        """From a few starts (every inner level at the candidate degree nearest each of ``start_degrees``),
+        vary one level at a time to its best candidate until nothing improves.
 
         Varying level k depends only on the choices at the other levels, so its outcome is remembered: the
         confirming sweep, and starts that reach a choice already seen, re-use it instead of recomputing it.
@@ -399,7 +400,7 @@ class _LevelSearch:
         best: _Candidate | None = None
         seen: dict[tuple[int, tuple[int, ...]], tuple[_Candidate | None, float]] = {}
         starts: list[list[int]] = []
-        for d0 in (1, 4, 8):
+        for d0 in start_degrees:
             choice = [int(np.argmin(np.abs(self.D[k] - d0))) for k in range(self.m)] + [0]
             if choice not in starts:  # a start already taken ends where it ended before
                 starts.append(choice)
@@ -526,11 +527,15 @@ def _neighbours(members: Pattern, n: int) -> list[Pattern]:
 _PATIENCE = 3  # run counts in a row without a better plan before the upward scan stops
 _REFINE_ROUNDS = 4  # hill-climbing moves per start at most
 _UNMERGED_START = 1.5  # the unmerged pattern is refined too when its plan is within this factor of the best
+_CLIMB_WITHIN = 2.0  # no refinement when the best seed is this far behind a plan of another kind
+_SCREEN_STARTS = (1,)  # coordinate-descent starts while screening patterns (about half the cost of all three)
+_POLISH_STARTS = (2, 4, 8)  # further starts for the few best patterns
+_POLISHED = 2  # patterns searched again from _POLISH_STARTS
 
 
 def _search_many(
     spectrum: tuple[ScaleGroup, ...], kind: str, rate_rule: str, tol: float, max_degree: int,
-    max_cycle_length: int, cache: SearchCache,
+    max_cycle_length: int, cache: SearchCache, beat: int | None = None,
 ) -> list[tuple[_Candidate, Pattern]]:
     """Merge-pattern search for more groups than can be searched exhaustively.
 
@@ -540,6 +545,8 @@ def _search_many(
     refined by best-improvement hill climbing over :func:`_neighbours` (at most :data:`_REFINE_ROUNDS` moves
     each): one merge of the unmerged pattern is one such move, and the measured predictions per pattern are
     uneven enough (the degree search is itself a local search) that a start near the finest structure pays.
+    No refinement is run when the best seed predicts more than :data:`_CLIMB_WITHIN` times ``beat`` (the best
+    plan of the other kind, e.g. Chebyshev-nested against nested): refining gains tens of percent, not that.
     Beyond two levels each pattern gets the coordinate-descent degree search (exhaustive up to two), as in
     :func:`_search` but without its exhaustive three-level case, which costs ten times more.  Every pattern
     returned was actually searched, so the caller ranks plans whose cost is known.
@@ -547,20 +554,28 @@ def _search_many(
     n = len(spectrum)
     found: dict[Pattern, _Candidate | None] = {}
 
-    def evaluate(members: Pattern) -> _Candidate | None:
+    searched_fully: set[Pattern] = set()
+
+    def evaluate(members: Pattern, full: bool = False) -> _Candidate | None:
+        """The screening search of a pattern (all the usual starts when ``full``)."""
         if members not in found:
             search = _LevelSearch(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
-            found[members] = search.exhaustive() if len(members) <= 2 else search.coordinate_descent()
+            if len(members) <= 2:
+                found[members] = search.exhaustive()
+            else:
+                found[members] = search.coordinate_descent() if full else search.coordinate_descent(_SCREEN_STARTS)
+            if full or len(members) <= 2:
+                searched_fully.add(members)
         return found[members]
 
     def better(c: _Candidate | None, than: _Candidate | None) -> bool:
         return c is not None and (than is None or c.key < than.key)
 
-    def climb(cand: _Candidate, members: Pattern) -> None:
+    def climb(cand: _Candidate, members: Pattern, full: bool = False) -> None:
         for _ in range(_REFINE_ROUNDS):
             step = (cand, members)
             for nb in _neighbours(members, n):
-                c = evaluate(nb)
+                c = evaluate(nb, full)
                 if better(c, step[0]):
                     step = (c, nb)  # type: ignore[assignment]
             if step[1] == members:
@@ -582,23 +597,35 @@ def _search_many(
             if stale >= _PATIENCE:
                 break
     unmerged = tuple((i,) for i in range(n))
-    fine = evaluate(unmerged)
+    fine = evaluate(unmerged, full=True)  # the classic structure: never screened out by a single start
+    if best is not None and beat is not None and best.predicted > _CLIMB_WITHIN * beat:
+        return [(c, members) for members, c in found.items() if c is not None]
     if best is not None:
         climb(best, best_members)
     if fine is not None and (best is None or fine.predicted <= _UNMERGED_START * best.predicted):
-        climb(fine, unmerged)
+        climb(fine, unmerged, full=True)
+    ranked = sorted((c.key, i) for i, c in enumerate(found.values()) if c is not None)
+    patterns = list(found)
+    for _, i in ranked[:_POLISHED]:
+        members = patterns[i]
+        if members not in searched_fully:
+            search = _LevelSearch(spectrum, members, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
+            c = search.coordinate_descent(_POLISH_STARTS)
+            if better(c, found[members]):
+                found[members] = c
     return [(c, members) for members, c in found.items() if c is not None]
 
 
 def _best_over_merges(
     spectrum: tuple[ScaleGroup, ...], kind: str, rate_rule: str, tol: float, max_degree: int,
-    max_cycle_length: int, merge: bool,
+    max_cycle_length: int, merge: bool, beat: int | None = None,
 ) -> list[tuple[_Candidate, Pattern]]:
-    """Best candidate per merge pattern searched (all patterns for few gaps, :func:`_search_many` otherwise)."""
+    """Best candidate per merge pattern searched (all patterns for few gaps, :func:`_search_many` otherwise;
+    ``beat``: the best prediction of another kind, see there)."""
     n = len(spectrum)
     cache = SearchCache(spectrum)
     if merge and n - 1 > _MAX_EXHAUSTIVE_GAPS:
-        return _search_many(spectrum, kind, rate_rule, tol, max_degree, max_cycle_length, cache)
+        return _search_many(spectrum, kind, rate_rule, tol, max_degree, max_cycle_length, cache, beat)
     patterns = _merge_patterns(n) if merge and n > 1 else [tuple((i,) for i in range(n))]
     results = []
     for members in patterns:
@@ -683,13 +710,14 @@ def plan_multirate(
             lab = "chebyshev" if (strategy == "auto" and label != "nested" and members == all_merged) else label
             options.append((lab, cand, members))
 
-    if strategy in ("nested", "auto"):
-        add("nested", _best_over_merges(spectrum, "nested", rate_rule, tol, max_degree, max_cycle_length, merge))
+    # Chebyshev-nested is searched first: its best plan tells the nested search when refining is pointless.
+    cheb_nested = []
     if strategy == "chebyshev-nested" or (strategy == "auto" and rate_rule == "optimal"):
-        add(
-            "chebyshev-nested",
-            _best_over_merges(spectrum, "chebyshev", rate_rule, tol, max_degree, max_cycle_length, merge),
-        )
+        cheb_nested = _best_over_merges(spectrum, "chebyshev", rate_rule, tol, max_degree, max_cycle_length, merge)
+    if strategy in ("nested", "auto"):
+        beat = min((cand.predicted for cand, _ in cheb_nested), default=None)
+        add("nested", _best_over_merges(spectrum, "nested", rate_rule, tol, max_degree, max_cycle_length, merge, beat))
+    add("chebyshev-nested", cheb_nested)
     if strategy == "chebyshev" or (strategy == "auto" and rate_rule == "optimal" and not merge and n > 1):
         cand = _search(spectrum, all_merged, "chebyshev", rate_rule, tol, max_degree, max_cycle_length)
         if cand is not None:
