@@ -55,11 +55,12 @@ class Grid:
 
 def log_abs_factor(rate: float, lam: np.ndarray) -> np.ndarray:
     # In place on one buffer: 1 + lam * (-rate) is bit-for-bit 1 - rate * lam, without three temporaries.
-    out = np.multiply(lam, -rate)
+    out: np.ndarray = np.multiply(lam, -rate)
     out += 1.0
     np.abs(out, out=out)
     with np.errstate(divide="ignore"):
-        return np.log(out, out=out)
+        np.log(out, out=out)
+    return out
 
 
 def log_abs_poly(rates: Iterable[float], lam: np.ndarray, counts: Iterable[int] | None = None) -> np.ndarray:
@@ -203,12 +204,22 @@ class Runs:
         return Runs(log_factor, pos, pos, pos)
 
     def then(self, other: Runs) -> Runs:
-        return Runs(
-            self.total + other.total,
-            np.maximum(self.prefix, self.total + other.prefix),
-            np.maximum(other.suffix, self.suffix + other.total),
-            np.maximum(np.maximum(self.run, other.run), self.suffix + other.prefix),
-        )
+        out = Runs(self.total.copy(), self.prefix.copy(), self.suffix.copy(), self.run.copy())
+        out.absorb(other, np.empty_like(out.total))
+        return out
+
+    def absorb(self, other: Runs, tmp: np.ndarray) -> None:
+        """``self`` becomes ``self.then(other)`` in place (``tmp``: scratch of the same shape).  Its four arrays
+        must be its own (not shared with each other or ``other``, unlike :meth:`step`'s)."""
+        # Each field from the old values of the others: run, then prefix, then suffix, total last.
+        np.add(self.suffix, other.prefix, out=tmp)
+        np.maximum(self.run, other.run, out=self.run)
+        np.maximum(self.run, tmp, out=self.run)
+        np.add(self.total, other.prefix, out=tmp)
+        np.maximum(self.prefix, tmp, out=self.prefix)
+        np.add(self.suffix, other.total, out=self.suffix)
+        np.maximum(other.suffix, self.suffix, out=self.suffix)
+        np.add(self.total, other.total, out=self.total)
 
     def repeat(self, n: int) -> Runs:
         if n == 1:
@@ -222,29 +233,15 @@ class Runs:
 
 
 def level_runs(block: Runs | None, log_factors: Sequence[np.ndarray], npts: int) -> Runs:
-    """``block, step(f_0), block, step(f_1), ...`` (no blocks if ``block`` is None), accumulated in place:
-    the same operations as chaining :meth:`Runs.then`, without allocating four arrays per step."""
-    total, prefix, suffix, run = (np.zeros(npts) for _ in range(4))
+    """``block, step(f_0), block, step(f_1), ...`` (no blocks if ``block`` is None), accumulated in place (a
+    level of a long cycle chains thousands of steps over tens of thousands of points)."""
+    acc = Runs(*(np.zeros(npts) for _ in range(4)))
     tmp = np.empty(npts)
-    parts = [(block.total, block.prefix, block.suffix, block.run)] if block is not None else []
-
-    def then(o_total: np.ndarray, o_prefix: np.ndarray, o_suffix: np.ndarray, o_run: np.ndarray) -> None:
-        # Each field from the old values of the others (see Runs.then): run, then prefix, suffix, total.
-        np.add(suffix, o_prefix, out=tmp)
-        np.maximum(run, o_run, out=run)
-        np.maximum(run, tmp, out=run)
-        np.add(total, o_prefix, out=tmp)
-        np.maximum(prefix, tmp, out=prefix)
-        np.add(suffix, o_total, out=suffix)
-        np.maximum(o_suffix, suffix, out=suffix)
-        np.add(total, o_total, out=total)
-
     for f in log_factors:
-        for part in parts:
-            then(*part)
-        pos = np.maximum(0.0, f)
-        then(f, pos, pos, pos)
-    return Runs(total, prefix, suffix, run)
+        if block is not None:
+            acc.absorb(block, tmp)
+        acc.absorb(Runs.step(f), tmp)
+    return acc
 
 
 def least_count(log_p: np.ndarray, s: np.ndarray, reps_per_count: int, log_target: float) -> int | None:

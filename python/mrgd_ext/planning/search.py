@@ -543,17 +543,20 @@ def _search_many(
     are cheap to search -- until :data:`_PATIENCE` run counts in a row bring no better plan.  The best of
     them, and the unmerged pattern when its plan is within :data:`_UNMERGED_START` of that best, are then
     refined by best-improvement hill climbing over :func:`_neighbours` (at most :data:`_REFINE_ROUNDS` moves
-    each): one merge of the unmerged pattern is one such move, and the measured predictions per pattern are
-    uneven enough (the degree search is itself a local search) that a start near the finest structure pays.
-    No refinement is run when the best seed predicts more than :data:`_CLIMB_WITHIN` times ``beat`` (the best
-    plan of the other kind, e.g. Chebyshev-nested against nested): refining gains tens of percent, not that.
-    Beyond two levels each pattern gets the coordinate-descent degree search (exhaustive up to two), as in
-    :func:`_search` but without its exhaustive three-level case, which costs ten times more.  Every pattern
-    returned was actually searched, so the caller ranks plans whose cost is known.
+    each).  One merge of the unmerged pattern is one such move (the old greedy merge search's first round),
+    and the prediction per pattern is uneven -- the degree search is itself a local search -- so a start at
+    the finest structure pays on inputs where a few merges win.  No refinement is run when the best seed
+    predicts more than :data:`_CLIMB_WITHIN` times ``beat`` (the best plan of the other kind, e.g.
+    Chebyshev-nested against nested): refining gains tens of percent, not factors.
+
+    Degree search per pattern: exhaustive up to two levels; beyond, coordinate descent screened from
+    :data:`_SCREEN_STARTS` alone (its three-level exhaustive case, as in :func:`_search`, costs about ten times
+    more), except the unmerged pattern and the climb from it, which get every start; the :data:`_POLISHED`
+    best screened patterns are searched again from :data:`_POLISH_STARTS`.  Every pattern returned was actually
+    searched, so the caller ranks plans whose cost is known.  Deterministic: no randomness, fixed visit order.
     """
     n = len(spectrum)
     found: dict[Pattern, _Candidate | None] = {}
-
     searched_fully: set[Pattern] = set()
 
     def evaluate(members: Pattern, full: bool = False) -> _Candidate | None:
@@ -598,11 +601,10 @@ def _search_many(
                 break
     unmerged = tuple((i,) for i in range(n))
     fine = evaluate(unmerged, full=True)  # the classic structure: never screened out by a single start
-    if best is not None and beat is not None and best.predicted > _CLIMB_WITHIN * beat:
-        return [(c, members) for members, c in found.items() if c is not None]
-    if best is not None:
+    refine = best is None or beat is None or best.predicted <= _CLIMB_WITHIN * beat
+    if refine and best is not None:
         climb(best, best_members)
-    if fine is not None and (best is None or fine.predicted <= _UNMERGED_START * best.predicted):
+    if refine and fine is not None and (best is None or fine.predicted <= _UNMERGED_START * best.predicted):
         climb(fine, unmerged, full=True)
     ranked = sorted((c.key, i) for i, c in enumerate(found.values()) if c is not None)
     patterns = list(found)
