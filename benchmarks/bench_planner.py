@@ -30,14 +30,28 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, markdown_header, markdown_table, write_results  # noqa: E402
-from mrgd_ext import groups_from_scales, plan_multirate  # noqa: E402
+from mrgd_ext import ScaleGroup, groups_from_scales, plan_multirate  # noqa: E402
 from mrgd_ext.planning.search import MAX_GROUPS  # noqa: E402
 
-FAMILIES = {"separated": (0.1, 1.0), "dense": (0.5, 0.3)}  # name: (Hessian ratio, relative width)
+# name: (Hessian ratio, relative width) for groups_from_scales; None: irregular_groups.
+FAMILIES: dict[str, tuple[float, float] | None] = {"separated": (0.1, 1.0), "dense": (0.5, 0.3), "irregular": None}
+
+
+def irregular_groups(n: int, seed: int = 1) -> list[ScaleGroup]:
+    """Seeded random spectrum: relative widths (b - a) / b in [0.1, 0.8]; gaps b_{k+1} / a_k mostly in
+    [0.3, 0.8] (merging may pay), one in four in [0.005, 0.03] (a level of its own may pay)."""
+    rng = np.random.default_rng(seed)
+    out, b = [], 1.0
+    for _ in range(n):
+        a = b * (1.0 - rng.uniform(0.1, 0.8))
+        out.append(ScaleGroup(a, b))
+        b = a * (rng.uniform(5e-3, 3e-2) if rng.random() < 0.25 else rng.uniform(0.3, 0.8))
+    return out
 
 
 def budget_s(groups: int) -> float:
@@ -61,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in (args.sizes or "2,4,8,12,16,20,24,25,50").split(",")]
     rows = []
     for family in args.families.split(","):
-        ratio, width = FAMILIES[family]
+        params = FAMILIES[family]
+        ratio, width = params if params is not None else (None, None)
         for n in sizes:
-            groups = groups_from_scales(n, ratio, width)
+            groups = groups_from_scales(n, *params) if params is not None else irregular_groups(n)
             start, cpu = time.perf_counter(), time.process_time()
             try:
                 plan = plan_multirate(groups)

@@ -36,18 +36,26 @@ _MAX_EXHAUSTIVE_GAPS = 5  # 2**5 merge patterns; beyond that merging is greedy
 
 def fine_counts(
     spectrum: Sequence[ScaleGroup], members: Sequence[Sequence[int]], kind: str, rate_rule: str,
-    degrees: Sequence[int], tol: float,
+    degrees: Sequence[int], tol: float, rows: dict[tuple[float, float, int], np.ndarray] | None = None,
 ) -> tuple[tuple[int, ...], float] | None:
     """The count rule evaluated on the fine grid (the search used the coarse one), and the log-contraction
-    max log|P_cycle| of the resulting cycle on that grid (summed in another order than :func:`assemble` does)."""
+    max log|P_cycle| of the resulting cycle on that grid (summed in another order than :func:`assemble` does).
+
+    ``rows`` keeps each level's log|P| on the fine grid for further calls with the same spectrum, kind and rate
+    rule: the grid's points do not depend on the merge pattern (only which level owns them does).
+    """
     groups = hulls(spectrum, members)
     grid = Grid.build(spectrum, members, fine=True)
     lam, owner = grid.points, grid.owner
+    rows = {} if rows is None else rows
     counts: list[int] = []
     log_p = np.zeros(0)  # set by the first group
     for k, g in enumerate(groups):
         rates = level_rates_unordered(kind, rate_rule, g, degrees[k])
-        s = log_abs_poly(rates, lam)
+        key = (g.a, g.b, int(degrees[k]))
+        if key not in rows:
+            rows[key] = log_abs_poly(rates, lam)
+        s = rows[key]
         if k == 0:
             log_p = s
             continue
@@ -734,9 +742,10 @@ def plan_multirate(
     options.sort(key=lambda o: (o[1].predicted, o[1].cycle_length))
     finalists = options[:3]
     scored = []
+    fine_rows: dict[str, dict[tuple[float, float, int], np.ndarray]] = {"nested": {}, "chebyshev": {}}
     for label, cand, members in finalists:
         kind = "nested" if label == "nested" else "chebyshev"
-        fine = fine_counts(spectrum, members, kind, rate_rule, cand.degrees, tol)
+        fine = fine_counts(spectrum, members, kind, rate_rule, cand.degrees, tol, fine_rows[kind])
         if fine is None or cycle_length_of(cand.degrees, fine[0]) > max_cycle_length:
             continue
         counts, log_rho = fine
