@@ -221,6 +221,19 @@ class Runs:
         np.maximum(other.suffix, self.suffix, out=self.suffix)
         np.add(self.total, other.total, out=self.total)
 
+    def absorb_step(self, log_factor: np.ndarray, tmp: np.ndarray, pos: np.ndarray) -> None:
+        """``self.absorb(Runs.step(log_factor), tmp)`` in fewer passes (``pos``: scratch too): a step's prefix,
+        suffix and run are all ``pos = max(0, f)``, and ``suffix + pos >= pos`` (suffix >= 0), so the run needs
+        one maximum, not two.  Same results, bit for bit."""
+        np.maximum(0.0, log_factor, out=pos)  # operand order as in step(): signed zeros alike
+        np.add(self.suffix, pos, out=tmp)
+        np.maximum(self.run, tmp, out=self.run)
+        np.add(self.total, pos, out=tmp)
+        np.maximum(self.prefix, tmp, out=self.prefix)
+        np.add(self.suffix, log_factor, out=self.suffix)
+        np.maximum(pos, self.suffix, out=self.suffix)
+        np.add(self.total, log_factor, out=self.total)
+
     def repeat(self, n: int) -> Runs:
         if n == 1:
             return self
@@ -236,11 +249,11 @@ def level_runs(block: Runs | None, log_factors: Sequence[np.ndarray], npts: int)
     """``block, step(f_0), block, step(f_1), ...`` (no blocks if ``block`` is None), accumulated in place (a
     level of a long cycle chains thousands of steps over tens of thousands of points)."""
     acc = Runs(*(np.zeros(npts) for _ in range(4)))
-    tmp = np.empty(npts)
+    tmp, pos = np.empty(npts), np.empty(npts)
     for f in log_factors:
         if block is not None:
             acc.absorb(block, tmp)
-        acc.absorb(Runs.step(f), tmp)
+        acc.absorb_step(f, tmp, pos)
     return acc
 
 
