@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -66,7 +65,10 @@ def log_abs_factor(rate: float, lam: np.ndarray) -> np.ndarray:
 def log_abs_poly(rates: Iterable[float], lam: np.ndarray, counts: Iterable[int] | None = None) -> np.ndarray:
     """sum_i c_i log|1 - r_i lam|: log of |prod (1 - r_i lam)^c_i|, -inf at exact roots."""
     out = np.zeros_like(lam, dtype=np.float64)
-    counts = itertools.repeat(1) if counts is None else counts
+    if counts is None:  # every count 1: no multiplication pass (1 * x is x, bit for bit)
+        for r in rates:
+            out += log_abs_factor(r, lam)
+        return out
     for r, c in zip(rates, counts):
         out += c * log_abs_factor(r, lam)
     return out
