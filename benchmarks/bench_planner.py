@@ -1,24 +1,29 @@
 """Planning time of ``mrgd_ext.plan_multirate`` against the number of eigenvalue groups, with a time budget.
 
-Two families of synthetic spectra from ``groups_from_scales(n, ratio, width)``, default strategy ("auto":
-nested and Chebyshev-nested over merge patterns):
+Three families of synthetic spectra, default strategy ("auto": nested and Chebyshev-nested over merge
+patterns):
 
-* ``separated`` -- Hessian ratio 0.1 between groups, relative width 1.  Beyond ~10 groups no plan fits
-  ``max_cycle_length`` (every level multiplies the cycle), so these sizes measure how fast the planner says so.
-* ``dense`` -- ratio 0.5, width 0.3: narrow groups close together, so plans exist up to 20+ groups and the
-  greedy merge search runs its full course (the slowest inputs we know of).
+* ``separated`` -- ``groups_from_scales(n, 0.1, 1.0)``: Hessian ratio 0.1 between groups, relative width 1.
+  Beyond ~16 groups no plan fits the limits (every level multiplies the cycle), so these sizes measure how fast
+  the planner says so.
+* ``dense`` -- ``groups_from_scales(n, 0.5, 0.3)``: narrow groups a factor 2 apart, where merging pays: one
+  Chebyshev cycle over everything wins up to 22 groups.
+* ``irregular`` -- :func:`irregular_groups` (seed 1): random widths and gaps, a large gap one time in four.
 
 Each size is planned once (planning is deterministic; repeats only cost time).  A size that fails raises nothing
 here but is recorded with its error; sizes above ``MAX_GROUPS`` record the refusal.  Budget (CPU seconds, so the
-load of a shared machine does not count): 1 s up to 20 groups, 5 s beyond.  ``--check`` exits 1 when a size
+load of a shared machine counts less): 1 s up to 20 groups, 5 s beyond.  ``--check`` exits 1 when a size
 misses its budget.  Writes planner_cpu.json and planner_cpu.md (machine, torch version, date).
 
-Where the time goes (cProfile, dense family, 20 groups): the degree search per merge pattern is ~95% of it --
-adding a level's large steps to a batch of partial cycles (``_LevelSearch.extend``) and the least count per row
-(``least_counts``), a few elementwise passes each over [rows, grid points] arrays (~225 coarse points per group);
-the fine-grid evaluation of the finalists (``assemble``) is the rest.  Beyond 6 groups merge patterns are explored
-greedily, one degree search per adjacent pair per round, so the cost grows about with the cube of the number of
-groups.
+Where the time goes (cProfile, 20 groups): beyond 6 groups the merge search (``_search_many``: seeds scanned
+from few runs up, then hill climbing) takes 0.2-0.4 s; the rest is the fine-grid evaluation of the finalists
+(``fine_counts``, ``assemble``), which is dominated by levels of high Chebyshev degree: a degree-512 level on
+the fine grid of 20 groups is 512 logarithms and run updates over ~60,000 points (~0.25 s each pass).  The
+irregular family's 20-group plan has two such levels, hence its ~1.0-1.1 s.
+
+Before this search (pairwise greedy merging, one degree search per adjacent pair per round), the dense family
+took 2.0 / 4.7 / 6.6 CPU s at 12 / 16 / 20 groups and planned 708 / 3670 / 15444 predicted iterations where
+the search now finds 384 / 1792 / 11776; at 21-24 dense groups and 12-24 irregular ones it found no plan.
 
     python benchmarks/bench_planner.py [--quick] [--check] [--out DIR] [--sizes 2,4,8,12,16,20,24,25,50]
 """

@@ -26,12 +26,12 @@ from mrgd_ext.planning.polynomials import (
 
 __all__ = ["plan_multirate", "MAX_GROUPS"]
 
-#: Most groups plan_multirate accepts.  Planning time grows about with the cube of the number of groups
-#: (benchmarks/bench_planner.py; bounds in plan_multirate's docstring); beyond this it is an immediate error
-#: rather than minutes of search.
+#: Most groups plan_multirate accepts.  Beyond 6 groups the merge search visits O(n) patterns and evaluating
+#: a plan grows with its degree and the number of groups; measured 0.8-2.8 CPU s at 24 groups
+#: (benchmarks/bench_planner.py; bounds in plan_multirate's docstring).  Beyond this it is an immediate error.
 MAX_GROUPS = 24
 
-_MAX_EXHAUSTIVE_GAPS = 5  # 2**5 merge patterns; beyond that merging is greedy
+_MAX_EXHAUSTIVE_GAPS = 5  # 2**5 merge patterns; beyond that _search_many
 
 
 def fine_counts(
@@ -551,17 +551,18 @@ def _search_many(
     are cheap to search -- until :data:`_PATIENCE` run counts in a row bring no better plan.  The best of
     them, and the unmerged pattern when its plan is within :data:`_UNMERGED_START` of that best, are then
     refined by best-improvement hill climbing over :func:`_neighbours` (at most :data:`_REFINE_ROUNDS` moves
-    each).  One merge of the unmerged pattern is one such move (the old greedy merge search's first round),
-    and the prediction per pattern is uneven -- the degree search is itself a local search -- so a start at
+    each).  One merge of the unmerged pattern is one such move (what pairwise merging would try first), and
+    the prediction per pattern is uneven -- the degree search is itself a local search -- so a start at
     the finest structure pays on inputs where a few merges win.  No refinement is run when the best seed
     predicts more than :data:`_CLIMB_WITHIN` times ``beat`` (the best plan of the other kind, e.g.
     Chebyshev-nested against nested): refining gains tens of percent, not factors.
 
-    Degree search per pattern: exhaustive up to two levels; beyond, coordinate descent screened from
-    :data:`_SCREEN_STARTS` alone (its three-level exhaustive case, as in :func:`_search`, costs about ten times
-    more), except the unmerged pattern and the climb from it, which get every start; the :data:`_POLISHED`
-    best screened patterns are searched again from :data:`_POLISH_STARTS`.  Every pattern returned was actually
-    searched, so the caller ranks plans whose cost is known.  Deterministic: no randomness, fixed visit order.
+    Degree search per pattern: exhaustive up to two levels, as in :func:`_search`; beyond, coordinate descent
+    (also for three levels, where :func:`_search` is exhaustive at about ten times the cost) from
+    :data:`_SCREEN_STARTS` alone, except for the unmerged pattern and the climb from it, which get every start;
+    the :data:`_POLISHED` best screened patterns are searched again from :data:`_POLISH_STARTS`.  Every pattern
+    returned was actually searched, so the caller ranks plans whose cost is known.  Deterministic: no
+    randomness, fixed visit order.
     """
     n = len(spectrum)
     found: dict[Pattern, _Candidate | None] = {}
@@ -668,7 +669,8 @@ def plan_multirate(
             single-rate rule: it applies to ``"nested"`` (and ``"auto"`` then only considers nested plans);
             combining it with a Chebyshev strategy is an error.
         merge: let adjacent groups be merged when the gap between them is too small to pay for a separate
-            level (decided by predicted iterations over all merge patterns; greedily beyond 6 groups).
+            level (decided by predicted iterations over all merge patterns up to 6 groups; beyond, over the
+            patterns a seeded scan and hill climbing visit, always including all merged and none merged).
         max_degree: largest Chebyshev degree per level.  Chebyshev degrees are of the form ``q * 2**p`` with odd
             ``q <= 13`` (the ones with a stable step order).
         max_cycle_length: plans with longer cycles are not considered.
@@ -677,12 +679,15 @@ def plan_multirate(
         The :class:`MultiratePlan` with the fewest predicted iterations to ``tol`` among those considered
         (ties: smaller perturbation amplification, then shorter cycle).
 
-    Planning time: at most :data:`MAX_GROUPS` (24) groups are planned; more is refused at once.  Measured with
-    ``benchmarks/bench_planner.py`` (CPU seconds, one thread of a shared 2-core Xeon): well separated groups
-    (ratio 0.1) are planned, or found to have no plan within the limits, in at most 0.9 s up to 20 groups and
-    1.3 s at 24; closely spaced narrow groups (ratio 0.5, relative width 0.3), where merging pays and the
-    greedy merge search runs several rounds, take 0.7 s at 8 groups, 2.0 s at 12, 4.7 s at 16 and 6.6 s at 20
-    -- the slowest inputs known.  The cost grows about with the cube of the number of groups.
+    Planning time: at most :data:`MAX_GROUPS` (24) groups are planned; more is refused at once.  Up to 6 groups
+    every merge pattern is searched; beyond, a seeded scan and a local refinement of merge patterns (see the
+    note in ``_search_many``).  Measured with ``benchmarks/bench_planner.py`` (CPU seconds, one thread of a
+    shared 2-core Xeon, three runs): well separated groups (ratio 0.1, relative width 1) take at most 0.66 s
+    up to 20 groups and 0.8-1.0 s at 24; closely spaced narrow groups (ratio 0.5, width 0.3) 0.4 s at 12,
+    0.6 s at 16, 0.7-0.85 s at 20 and 2.4-2.8 s at 24; a seeded irregular spectrum (random widths, one gap in
+    four large) 0.6-0.75 s at 12, 0.85-0.95 s at 16, 1.0-1.2 s at 20 -- over the 1 s aim -- and 2.0-2.3 s at 24.
+    Most of the time beyond 16 groups goes to evaluating the finalists on the fine grid, which costs about
+    their Chebyshev degree times the number of groups.
 
     Raises:
         ValueError: naming the problem -- empty, unsorted or overlapping groups, more than :data:`MAX_GROUPS`
