@@ -1,24 +1,29 @@
 """Planning time of ``mrgd_ext.plan_multirate`` against the number of eigenvalue groups, with a time budget.
 
-Two families of synthetic spectra from ``groups_from_scales(n, ratio, width)``, default strategy ("auto":
-nested and Chebyshev-nested over merge patterns):
+Three families of synthetic spectra, default strategy ("auto": nested and Chebyshev-nested over merge
+patterns):
 
-* ``separated`` -- Hessian ratio 0.1 between groups, relative width 1.  Beyond ~10 groups no plan fits
-  ``max_cycle_length`` (every level multiplies the cycle), so these sizes measure how fast the planner says so.
-* ``dense`` -- ratio 0.5, width 0.3: narrow groups close together, so plans exist up to 20+ groups and the
-  greedy merge search runs its full course (the slowest inputs we know of).
+* ``separated`` -- ``groups_from_scales(n, 0.1, 1.0)``: Hessian ratio 0.1 between groups, relative width 1.
+  Beyond ~16 groups no plan fits the limits (every level multiplies the cycle), so these sizes measure how fast
+  the planner says so.
+* ``dense`` -- ``groups_from_scales(n, 0.5, 0.3)``: narrow groups a factor 2 apart, where merging pays: one
+  Chebyshev cycle over everything wins up to 22 groups.
+* ``irregular`` -- :func:`irregular_groups` (seed 1): random widths and gaps, a large gap one time in four.
 
 Each size is planned once (planning is deterministic; repeats only cost time).  A size that fails raises nothing
 here but is recorded with its error; sizes above ``MAX_GROUPS`` record the refusal.  Budget (CPU seconds, so the
-load of a shared machine does not count): 1 s up to 20 groups, 5 s beyond.  ``--check`` exits 1 when a size
+load of a shared machine counts less): 1 s up to 20 groups, 5 s beyond.  ``--check`` exits 1 when a size
 misses its budget.  Writes planner_cpu.json and planner_cpu.md (machine, torch version, date).
 
-Where the time goes (cProfile, dense family, 20 groups): the degree search per merge pattern is ~95% of it --
-adding a level's large steps to a batch of partial cycles (``_LevelSearch.extend``) and the least count per row
-(``least_counts``), a few elementwise passes each over [rows, grid points] arrays (~225 coarse points per group);
-the fine-grid evaluation of the finalists (``assemble``) is the rest.  Beyond 6 groups merge patterns are explored
-greedily, one degree search per adjacent pair per round, so the cost grows about with the cube of the number of
-groups.
+Where the time goes (cProfile, 20 groups): beyond 6 groups the merge search (``_search_many``: seeds scanned
+from few runs up, then hill climbing) takes 0.2-0.4 s; the rest is the fine-grid evaluation of the finalists
+(``fine_counts``, ``assemble``), which is dominated by levels of high Chebyshev degree: a degree-512 level on
+the fine grid of 20 groups is 512 logarithms and run updates over ~60,000 points (~0.25 s each pass).  The
+irregular family's 20-group plan has two such levels, hence its ~1.0-1.1 s.
+
+Before this search (pairwise greedy merging, one degree search per adjacent pair per round), the dense family
+took 2.0 / 4.7 / 6.6 CPU s at 12 / 16 / 20 groups and planned 708 / 3670 / 15444 predicted iterations where
+the search now finds 384 / 1792 / 11776; at 21-24 dense groups and 12-24 irregular ones it found no plan.
 
     python benchmarks/bench_planner.py [--quick] [--check] [--out DIR] [--sizes 2,4,8,12,16,20,24,25,50]
 """
@@ -30,14 +35,28 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, markdown_header, markdown_table, write_results  # noqa: E402
-from mrgd_ext import groups_from_scales, plan_multirate  # noqa: E402
+from mrgd_ext import ScaleGroup, groups_from_scales, plan_multirate  # noqa: E402
 from mrgd_ext.planning.search import MAX_GROUPS  # noqa: E402
 
-FAMILIES = {"separated": (0.1, 1.0), "dense": (0.5, 0.3)}  # name: (Hessian ratio, relative width)
+# name: (Hessian ratio, relative width) for groups_from_scales; None: irregular_groups.
+FAMILIES: dict[str, tuple[float, float] | None] = {"separated": (0.1, 1.0), "dense": (0.5, 0.3), "irregular": None}
+
+
+def irregular_groups(n: int, seed: int = 1) -> list[ScaleGroup]:
+    """Seeded random spectrum: relative widths (b - a) / b in [0.1, 0.8]; gaps b_{k+1} / a_k mostly in
+    [0.3, 0.8] (merging may pay), one in four in [0.005, 0.03] (a level of its own may pay)."""
+    rng = np.random.default_rng(seed)
+    out, b = [], 1.0
+    for _ in range(n):
+        a = b * (1.0 - rng.uniform(0.1, 0.8))
+        out.append(ScaleGroup(a, b))
+        b = a * (rng.uniform(5e-3, 3e-2) if rng.random() < 0.25 else rng.uniform(0.3, 0.8))
+    return out
 
 
 def budget_s(groups: int) -> float:
@@ -61,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in (args.sizes or "2,4,8,12,16,20,24,25,50").split(",")]
     rows = []
     for family in args.families.split(","):
-        ratio, width = FAMILIES[family]
+        params = FAMILIES[family]
+        ratio, width = params if params is not None else (None, None)
         for n in sizes:
-            groups = groups_from_scales(n, ratio, width)
+            groups = groups_from_scales(n, *params) if params is not None else irregular_groups(n)
             start, cpu = time.perf_counter(), time.process_time()
             try:
                 plan = plan_multirate(groups)

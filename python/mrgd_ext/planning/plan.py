@@ -264,15 +264,17 @@ def assemble(
                 )
             factors = [log_abs_factor(r, coarse.points) for r in rates]
             candidates = fractal_orders(len(rates))
-            best_perm, best_score = candidates[0], math.inf
-            for perm in candidates:
-                runs = level_runs(block_c, [factors[i] for i in perm], npts_c)
-                score = float(np.max(np.maximum(runs.run, runs.suffix + runs.prefix)))
+            best, best_score, tried = 0, math.inf, []
+            for i, perm in enumerate(candidates):
+                tried.append(level_runs(block_c, [factors[j] for j in perm], npts_c))
+                score = float(np.max(np.maximum(tried[-1].run, tried[-1].suffix + tried[-1].prefix)))
                 if score < best_score - 1e-12:
-                    best_perm, best_score = perm, score
-            rates = rates[best_perm]
+                    best, best_score = i, score
+            rates = rates[candidates[best]]
+            level = tried[best]  # the runs of the chosen order, already computed
+        else:
+            level = level_runs(block_c, [log_abs_factor(r, coarse.points) for r in rates], npts_c)
         ordered_levels.append(rates)
-        level = level_runs(block_c, [log_abs_factor(r, coarse.points) for r in rates], npts_c)
         block_c = level.repeat(counts[k]) if k < len(groups) - 1 else None
 
     # Cycle: C_0 = level-0 rates; C_k = [B, s_1, B, s_2, ...] with B = C_{k-1} * n_{k-1}.

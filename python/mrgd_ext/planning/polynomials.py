@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,14 +53,22 @@ class Grid:
 
 
 def log_abs_factor(rate: float, lam: np.ndarray) -> np.ndarray:
+    # In place on one buffer: 1 + lam * (-rate) is bit-for-bit 1 - rate * lam, without three temporaries.
+    out: np.ndarray = np.multiply(lam, -rate)
+    out += 1.0
+    np.abs(out, out=out)
     with np.errstate(divide="ignore"):
-        return np.log(np.abs(1.0 - rate * lam))
+        np.log(out, out=out)
+    return out
 
 
 def log_abs_poly(rates: Iterable[float], lam: np.ndarray, counts: Iterable[int] | None = None) -> np.ndarray:
     """sum_i c_i log|1 - r_i lam|: log of |prod (1 - r_i lam)^c_i|, -inf at exact roots."""
     out = np.zeros_like(lam, dtype=np.float64)
-    counts = itertools.repeat(1) if counts is None else counts
+    if counts is None:  # every count 1: no multiplication pass (1 * x is x, bit for bit)
+        for r in rates:
+            out += log_abs_factor(r, lam)
+        return out
     for r, c in zip(rates, counts):
         out += c * log_abs_factor(r, lam)
     return out
@@ -199,12 +206,35 @@ class Runs:
         return Runs(log_factor, pos, pos, pos)
 
     def then(self, other: Runs) -> Runs:
-        return Runs(
-            self.total + other.total,
-            np.maximum(self.prefix, self.total + other.prefix),
-            np.maximum(other.suffix, self.suffix + other.total),
-            np.maximum(np.maximum(self.run, other.run), self.suffix + other.prefix),
-        )
+        out = Runs(self.total.copy(), self.prefix.copy(), self.suffix.copy(), self.run.copy())
+        out.absorb(other, np.empty_like(out.total))
+        return out
+
+    def absorb(self, other: Runs, tmp: np.ndarray) -> None:
+        """``self`` becomes ``self.then(other)`` in place (``tmp``: scratch of the same shape).  Its four arrays
+        must be its own (not shared with each other or ``other``, unlike :meth:`step`'s)."""
+        # Each field from the old values of the others: run, then prefix, then suffix, total last.
+        np.add(self.suffix, other.prefix, out=tmp)
+        np.maximum(self.run, other.run, out=self.run)
+        np.maximum(self.run, tmp, out=self.run)
+        np.add(self.total, other.prefix, out=tmp)
+        np.maximum(self.prefix, tmp, out=self.prefix)
+        np.add(self.suffix, other.total, out=self.suffix)
+        np.maximum(other.suffix, self.suffix, out=self.suffix)
+        np.add(self.total, other.total, out=self.total)
+
+    def absorb_step(self, log_factor: np.ndarray, tmp: np.ndarray, pos: np.ndarray) -> None:
+        """``self.absorb(Runs.step(log_factor), tmp)`` in fewer passes (``pos``: scratch too): a step's prefix,
+        suffix and run are all ``pos = max(0, f)``, and ``suffix + pos >= pos`` (suffix >= 0), so the run needs
+        one maximum, not two.  Same results, bit for bit."""
+        np.maximum(0.0, log_factor, out=pos)  # operand order as in step(): signed zeros alike
+        np.add(self.suffix, pos, out=tmp)
+        np.maximum(self.run, tmp, out=self.run)
+        np.add(self.total, pos, out=tmp)
+        np.maximum(self.prefix, tmp, out=self.prefix)
+        np.add(self.suffix, log_factor, out=self.suffix)
+        np.maximum(pos, self.suffix, out=self.suffix)
+        np.add(self.total, log_factor, out=self.total)
 
     def repeat(self, n: int) -> Runs:
         if n == 1:
@@ -218,11 +248,14 @@ class Runs:
 
 
 def level_runs(block: Runs | None, log_factors: Sequence[np.ndarray], npts: int) -> Runs:
-    acc = Runs.empty(npts)
+    """``block, step(f_0), block, step(f_1), ...`` (no blocks if ``block`` is None), accumulated in place (a
+    level of a long cycle chains thousands of steps over tens of thousands of points)."""
+    acc = Runs(*(np.zeros(npts) for _ in range(4)))
+    tmp, pos = np.empty(npts), np.empty(npts)
     for f in log_factors:
         if block is not None:
-            acc = acc.then(block)
-        acc = acc.then(Runs.step(f))
+            acc.absorb(block, tmp)
+        acc.absorb_step(f, tmp, pos)
     return acc
 
 
