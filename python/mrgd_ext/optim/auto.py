@@ -54,9 +54,10 @@ end. Minibatch gradient differences carry noise: pass ``gradient_history=False``
 NOTE: [default mode]
 Subspace mode (Ritz rates, restarted Nesterov momentum on the preconditioned step) is the default: on the
 training suite (benchmarks/results/training_cpu.md, full budgets) it ends lower than temporal mode on six of seven
-problems (the raw-diabetes MLP: the same loss to 4 digits) with fewer HVPs on five (11-273 against 66-1135; its
-Lanczos measures no SLQ density), and it meets targets there that temporal mode misses (gap 1e-6 on raw least
-squares and logistic regression; 0.06-0.19x GD's time on softmax regression, the wine MLP and the CNN).
+problems (not on the raw-diabetes MLP: 2854 against 2701) with fewer HVPs on all seven (11-225 against 66-755;
+its Lanczos measures no SLQ density), and it meets targets there that temporal mode misses (gap 1e-6 on raw least
+squares and logistic regression; 0.07-0.20x GD's time on logistic and softmax regression, the wine MLP and the
+CNN).
 
 NOTE: [gradient noise]
 With minibatch gradients every step also injects noise, and a large step multiplies the noise that the small
