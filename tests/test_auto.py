@@ -491,6 +491,43 @@ def test_auto_subspace_state_dict_resumes_the_same_trajectory_and_decisions():
     torch.testing.assert_close(w.detach(), expected, rtol=1e-8, atol=1e-10)
 
 
+def test_auto_state_dict_carries_the_complement_warm_start():
+    # With fewer Ritz pairs than parameters the complement's top is measured by a Lanczos run that stops at 1e-2;
+    # its start vector travels per parameter, so a resumed run's next complement run starts where the
+    # uninterrupted one's would.
+    w, op, opt, _ = _auto_after_steps(6, num_eigs=4)
+    state = opt.state_dict()
+    assert opt._complement_vector is not None
+    assert torch.equal(state["state"][0]["complement_vector"], opt._complement_vector[0])
+    resumed = AutoMrGD([w], op, refresh_every=4, check_every=4, num_eigs=4, seed=1)
+    assert not torch.equal(resumed._complement_vector, opt._complement_vector)  # its own construction run
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed._complement_vector, opt._complement_vector)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda sd: sd["state"][0].update(complement_vector=torch.zeros(3)),
+     r"\['complement_vector'\] must be a floating-point tensor of shape \(18,\)"),
+    (lambda sd: sd["state"][0].update(complement_vector=torch.full_like(sd["state"][0]["complement_vector"], math.nan)),
+     r"\['complement_vector'\] has non-finite"),
+    (lambda sd: sd["state"][0].update(complement_vector=sd["state"][0]["complement_vector"].long()),
+     r"must be a floating-point tensor"),
+])
+def test_auto_load_state_dict_rejects_a_bad_complement_warm_start(edit, match):
+    import copy
+
+    _w, _op, opt, _ = _auto_after_steps(6, num_eigs=4)
+    sd = copy.deepcopy(opt.state_dict())
+    edit(sd)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert before["param_groups"][0]["auto"] == after["param_groups"][0]["auto"]
+    for field in ("complement_vector", "rollback_point", "subspace_basis"):
+        assert torch.equal(before["state"][0][field], after["state"][0][field])
+
+
 @pytest.mark.parametrize("edit,exc,match", [
     (lambda sd: sd["param_groups"][0]["auto"].update(step=-1), ValueError, r"\['auto'\]\['step'\] must be >= 0"),
     (lambda sd: sd["param_groups"][0]["auto"].pop("interval"), KeyError, r"\['auto'\] has no 'interval'"),

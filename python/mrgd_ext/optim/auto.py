@@ -282,32 +282,40 @@ def _check_auto_state(saved: Any, name: str) -> dict[str, Any]:
     return auto
 
 
-def _pop_rollback(state: dict[Any, Any], keys: list[Any], params: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """Remove the per-parameter rollback points from ``state`` (in place) and return them, checked, or None."""
+_COMPLEMENT = "complement_vector"
+
+
+def _pop_per_parameter(
+    state: dict[Any, Any], keys: list[Any], params: list[torch.Tensor], field: str, *, param_dtype: bool = True
+) -> list[torch.Tensor] | None:
+    """Remove the per-parameter entries ``field`` from ``state`` (in place) and return them, checked (each a finite
+    tensor of its parameter's shape, and dtype when ``param_dtype``), or None when no parameter has one."""
     entries = [state.get(k) for k in keys]
-    present = [isinstance(e, dict) and _ROLLBACK in e for e in entries]
+    present = [isinstance(e, dict) and field in e for e in entries]
     if not any(present):
         return None
     if not all(present) or len(keys) != len(params):
         k = next((k for k, has in zip(keys, present) if not has), None)
-        raise KeyError(f"state_dict['state'][{k!r}] has no {_ROLLBACK!r}, but other parameters' entries do")
-    snapshot = []
+        raise KeyError(f"state_dict['state'][{k!r}] has no {field!r}, but other parameters' entries do")
+    out = []
     for k, e, p in zip(keys, entries, params):
         assert isinstance(e, dict)  # checked above
-        point = e[_ROLLBACK]
-        if not isinstance(point, torch.Tensor) or point.shape != p.shape or point.dtype != p.dtype:
-            raise ValueError(f"state_dict['state'][{k!r}][{_ROLLBACK!r}] must be a {p.dtype} tensor of shape "
+        value = e[field]
+        if (not isinstance(value, torch.Tensor) or value.shape != p.shape
+                or (value.dtype != p.dtype if param_dtype else not value.is_floating_point())):
+            what = f"a {p.dtype}" if param_dtype else "a floating-point"
+            raise ValueError(f"state_dict['state'][{k!r}][{field!r}] must be {what} tensor of shape "
                              f"{tuple(p.shape)} (its parameter's)")
-        if not bool(torch.isfinite(point).all()):
-            raise ValueError(f"state_dict['state'][{k!r}][{_ROLLBACK!r}] has non-finite entries")
-        snapshot.append(point.detach().to(p.device).clone())
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"state_dict['state'][{k!r}][{field!r}] has non-finite entries")
+        out.append(value.detach().to(p.device).clone())
     for k in keys:
-        rest = {f: v for f, v in state[k].items() if f != _ROLLBACK}
+        rest = {f: v for f, v in state[k].items() if f != field}
         if rest:
             state[k] = rest
         else:
             del state[k]
-    return snapshot
+    return out
 
 
 class AutoMrGD(MrGD):
@@ -819,11 +827,12 @@ class AutoMrGD(MrGD):
     # a back-off left, the growth bound, the complement's curvature, the latest groups and lambda_max, the
     # number of measurements (it seeds the next one) and the rollback point. The scalars travel as
     # param_groups[0]["auto"] (one dict: torch.distributed.checkpoint saves param-group values as they are),
-    # the rollback point per parameter (state[i]["rollback_point"]), as MrGD's subspace does (NOTE:
+    # the rollback point and the complement run's warm start per parameter (state[i]["rollback_point"],
+    # state[i]["complement_vector"]: the complement run stops at 1e-2, so its start shows in the base rate), as
+    # MrGD's subspace does (NOTE:
     # [per-parameter checkpoint form]). Not saved: the last estimate's Ritz vectors and density, which only
     # warm-start and shortcut the next measurement (a resumed run's next measurement starts from the
-    # estimate its constructor made and agrees with the uninterrupted one to the Lanczos tolerance; so does the
-    # complement's Ritz vector, its warm start), the
+    # estimate its constructor made and agrees with the uninterrupted one to the Lanczos tolerance), the
     # one-step gradient history (the secant watch restarts at the next small step), ``plan`` and ``events``
     # (the cycle itself is restored; the events are a log of this process).
 
@@ -843,6 +852,17 @@ class AutoMrGD(MrGD):
         if self._snapshot is not None:
             for key, snap in zip(group["params"], self._snapshot):
                 state[key] = {**state.get(key, {}), _ROLLBACK: snap.clone()}
+        vec = self._complement_vector
+        params = self.param_groups[0]["params"]
+        if vec is not None and vec.shape[1] == sum(p.numel() for p in params):
+            # The complement run's warm start, per parameter like the rollback point: a resumed run's next
+            # complement measurement then starts where the uninterrupted one would (it stops at 1e-2, so its
+            # start shows in the base rate).
+            offset = 0
+            for key, p in zip(group["params"], params):
+                part = vec[0, offset:offset + p.numel()].reshape(p.shape).clone()
+                state[key] = {**state.get(key, {}), _COMPLEMENT: part}
+                offset += p.numel()
         state_dict["state"] = state
         return state_dict
 
@@ -868,13 +888,16 @@ class AutoMrGD(MrGD):
         auto = _check_auto_state(auto, name)
         params = self.param_groups[0]["params"]
         keys = group.get("params", []) if isinstance(group, dict) else []
-        snapshot = _pop_rollback(state, list(keys), params)
+        snapshot = _pop_per_parameter(state, list(keys), params, _ROLLBACK)
+        complement = _pop_per_parameter(state, list(keys), params, _COMPLEMENT, param_dtype=False)
         super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
         # Checked above: nothing below can fail.
         extras = {k: auto.pop(k) for k in _AUTO_EXTRAS if k in auto}
         self.state[_AUTO_KEY] = auto
         if snapshot is not None:
             self._snapshot = snapshot
+        if complement is not None:
+            self._complement_vector = torch.cat([c.reshape(-1) for c in complement])[None]
         if extras:
             self._measurements = extras["measurements"]
             self._safe_plan = extras["safe_plan"]
