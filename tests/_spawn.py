@@ -37,12 +37,13 @@ def _rank(rank: int, fn, dump_after: float, *args) -> None:
     # A rank still running near the run's limit prints every thread's stack and exits, so a hang fails with
     # the place it hung in the test's output.
     faulthandler.dump_traceback_later(dump_after, exit=True)
-    # A rank that finished exits at once, without tearing down what it built: ranks were seen, intermittently
-    # and only on a loaded machine, to hang after writing their results, in the destructors of the worker's
-    # locals (DDP's reducer, process-group objects) that run when the worker returns (the stack dump showed no
-    # frame below this function). A reference to the worker's frame, taken as it starts, keeps its locals
-    # alive past its return (CPython moves them into the frame object); os._exit then skips their teardown.
-    # The results are on disk already.
+    # A rank that finished exits at once, without tearing down what it built: a DistributedDataParallel
+    # wrapper destroyed after its process group (the workers call destroy_process_group in their finally
+    # blocks, and their locals die when they return) hangs in its reducer's destructor in about one run of
+    # eight (measured with examples/ddp_automrgd.py under torchrun, gloo on CPU: 0 of 64 once the wrapper is
+    # released before the group). A reference to the worker's frame, taken as it starts, keeps its locals alive
+    # past its return (CPython moves them into the frame object); os._exit then skips their teardown. The
+    # results are on disk already.
     kept = []
 
     def keep_worker_frame(frame, event, _arg):
@@ -81,9 +82,8 @@ def run_ranks(fn, world: int, out_dir, *args, timeout: float = RUN_TIMEOUT_S) ->
     directory for the ranks' results, e.g. pytest's ``tmp_path``). Fails the test when a rank raises or when
     the run exceeds ``timeout`` seconds (then every rank is killed).
 
-    A run that hangs (a rank still alive at 0.9 ``timeout``: it dumps its stacks and exits) is run once more:
-    an intermittent hang of a finished rank's teardown under heavy load is known and not yet explained; a
-    second hang fails the test, as does any rank error."""
+    A run that hangs (a rank still alive at 0.9 ``timeout``: it dumps its stacks and exits) is run once more
+    (a teardown hang is known: see ``_rank``); a second hang fails the test, as does any rank error."""
     out_dir = str(out_dir)
     for attempt in (1, 2):
         start = time.monotonic()
