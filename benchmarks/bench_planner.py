@@ -15,11 +15,12 @@ here but is recorded with its error; sizes above ``MAX_GROUPS`` record the refus
 load of a shared machine counts less): 1 s up to 20 groups, 5 s beyond.  ``--check`` exits 1 when a size
 misses its budget.  Writes planner_cpu.json and planner_cpu.md (machine, torch version, date).
 
-Where the time goes (cProfile, 20 groups): beyond 6 groups the merge search (``_search_many``: seeds scanned
-from few runs up, then hill climbing) takes 0.2-0.4 s; the rest is the fine-grid evaluation of the finalists
-(``fine_counts``, ``assemble``), which is dominated by levels of high Chebyshev degree: a degree-512 level on
-the fine grid of 20 groups is 512 logarithms and run updates over ~60,000 points (~0.25 s each pass).  The
-irregular family's 20-group plan has two such levels, hence its ~1.0-1.1 s.
+Where the time goes (cProfile, irregular family, 20 groups, 0.65 s): the merge search (``_search_many``: seeds
+scanned from few runs up, then hill climbing) takes ~0.2 s; the counts of the three finalists on the fine grid
+(``fine_counts``, closed-form Chebyshev levels) ~0.02 s; most of the rest is ``assemble`` of the chosen plan,
+which evaluates every actual rate on the fine grid and is dominated by levels of high Chebyshev degree: a
+degree-512 level over the fine grid of 20 groups is 512 logarithms and run updates over ~60,000 points
+(~0.2 s).  Summing the nodes' logarithms in ``fine_counts`` too (as before) cost another ~0.13 s there.
 
 Before this search (pairwise greedy merging, one degree search per adjacent pair per round), the dense family
 took 2.0 / 4.7 / 6.6 CPU s at 12 / 16 / 20 groups and planned 708 / 3670 / 15444 predicted iterations where

@@ -90,7 +90,8 @@ def chebyshev_log_poly(d: int, g: ScaleGroup, lam: np.ndarray) -> np.ndarray:
     """Closed form of sum_i log|1 - lam/x_i| over the d Chebyshev nodes x_i of g.
 
     prod_i (1 - lam/x_i) = T_d(mu(lam)) / T_d(mu(0)) with mu(lam) = (a + b - 2 lam)/(b - a).  Used only to rank
-    candidates in the search; every reported number sums the actual rates.
+    candidates in the search and to count on the fine grid (:func:`~mrgd_ext.planning.search.fine_counts`);
+    every number a plan reports sums the actual rates.
     """
     mu = (g.a + g.b - 2.0 * lam) / (g.b - g.a)
     mu0 = np.array([(g.a + g.b) / (g.b - g.a)])
@@ -210,12 +211,15 @@ class Runs:
         out.absorb(other, np.empty_like(out.total))
         return out
 
-    def absorb(self, other: Runs, tmp: np.ndarray) -> None:
+    def absorb(self, other: Runs, tmp: np.ndarray, holds_other_run: bool = False) -> None:
         """``self`` becomes ``self.then(other)`` in place (``tmp``: scratch of the same shape).  Its four arrays
-        must be its own (not shared with each other or ``other``, unlike :meth:`step`'s)."""
+        must be its own (not shared with each other or ``other``, unlike :meth:`step`'s).  ``holds_other_run``:
+        the caller knows ``self.run >= other.run`` already (``self`` absorbed ``other`` before: a run never
+        shrinks), which saves one pass and changes no bit."""
         # Each field from the old values of the others: run, then prefix, then suffix, total last.
         np.add(self.suffix, other.prefix, out=tmp)
-        np.maximum(self.run, other.run, out=self.run)
+        if not holds_other_run:
+            np.maximum(self.run, other.run, out=self.run)
         np.maximum(self.run, tmp, out=self.run)
         np.add(self.total, other.prefix, out=tmp)
         np.maximum(self.prefix, tmp, out=self.prefix)
@@ -252,9 +256,9 @@ def level_runs(block: Runs | None, log_factors: Sequence[np.ndarray], npts: int)
     level of a long cycle chains thousands of steps over tens of thousands of points)."""
     acc = Runs(*(np.zeros(npts) for _ in range(4)))
     tmp, pos = np.empty(npts), np.empty(npts)
-    for f in log_factors:
+    for j, f in enumerate(log_factors):
         if block is not None:
-            acc.absorb(block, tmp)
+            acc.absorb(block, tmp, holds_other_run=j > 0)
         acc.absorb_step(f, tmp, pos)
     return acc
 

@@ -27,7 +27,7 @@ from mrgd_ext.planning.polynomials import (
 __all__ = ["plan_multirate", "MAX_GROUPS"]
 
 #: Most groups plan_multirate accepts.  Beyond 6 groups the merge search visits O(n) patterns and evaluating
-#: a plan grows with its degree and the number of groups; measured 0.8-2.8 CPU s at 24 groups
+#: a plan grows with its degree and the number of groups; measured 0.7-1.9 CPU s at 24 groups
 #: (benchmarks/bench_planner.py; bounds in plan_multirate's docstring).  Beyond this it is an immediate error.
 MAX_GROUPS = 24
 
@@ -54,7 +54,14 @@ def fine_counts(
         rates = level_rates_unordered(kind, rate_rule, g, degrees[k])
         key = (g.a, g.b, int(degrees[k]))
         if key not in rows:
-            rows[key] = log_abs_poly(rates, lam)
+            # A Chebyshev level by its closed form, as in the search: a few passes over the grid instead of
+            # one logarithm pass per node (a degree-512 level over ~60k points took ~0.05 s).  It agrees with
+            # the sum over the nodes to ~1e-13 in log|P| away from exact roots, far inside the slack of
+            # predicted_range; assemble() then reports what the actual rates do.
+            if kind == "nested" or g.b == g.a or len(rates) == 1:
+                rows[key] = log_abs_poly(rates, lam)
+            else:
+                rows[key] = chebyshev_log_poly(len(rates), g, lam)
         s = rows[key]
         if k == 0:
             log_p = s
@@ -681,13 +688,12 @@ def plan_multirate(
 
     Planning time: at most :data:`MAX_GROUPS` (24) groups are planned; more is refused at once.  Up to 6 groups
     every merge pattern is searched; beyond, a seeded scan and a local refinement of merge patterns (see the
-    note in ``_search_many``).  Measured with ``benchmarks/bench_planner.py`` (CPU seconds, one thread of a
-    shared 2-core Xeon, three runs): well separated groups (ratio 0.1, relative width 1) take at most 0.66 s
-    up to 20 groups and 0.8-1.0 s at 24; closely spaced narrow groups (ratio 0.5, width 0.3) 0.4 s at 12,
-    0.6 s at 16, 0.7-0.85 s at 20 and 2.4-2.8 s at 24; a seeded irregular spectrum (random widths, one gap in
-    four large) 0.6-0.75 s at 12, 0.85-0.95 s at 16, 1.0-1.2 s at 20 -- over the 1 s aim -- and 2.0-2.3 s at 24.
-    Most of the time beyond 16 groups goes to evaluating the finalists on the fine grid, which costs about
-    their Chebyshev degree times the number of groups.
+    note in ``_search_many``).  Measured with ``benchmarks/bench_planner.py`` (CPU seconds, one thread of an
+    idle 2-core Xeon): well separated groups (ratio 0.1, relative width 1) take at most 0.48 s up to 20 groups
+    and 0.7 s at 24; closely spaced narrow groups (ratio 0.5, width 0.3) 0.22 s at 12, 0.34 s at 16, 0.43 s at 20
+    and 1.7-1.9 s at 24; a seeded irregular spectrum (random widths, one gap in four large) 0.33 s at 12, 0.5-0.6 s
+    at 16, 0.64-0.70 s at 20 and 1.4-1.5 s at 24.  Most of the time beyond 16 groups goes to evaluating the
+    chosen plan on the fine grid, which costs about its Chebyshev degree times the number of groups.
 
     Raises:
         ValueError: naming the problem -- empty, unsorted or overlapping groups, more than :data:`MAX_GROUPS`
