@@ -1081,3 +1081,32 @@ def test_refresh_waits_while_the_loss_is_below_its_rounding_floor():
     refreshes = [e["step"] for e in opt.events if e["reason"] == "refresh"]
     assert refreshes and refreshes[-1] < 300  # measured while converging, not for the last half of the run
     assert opt.state["multirate_auto"]["interval"] > 20
+
+
+@pytest.mark.parametrize("mode", ["subspace", "temporal"])
+def test_a_measurement_evaluates_the_loss_once(mode):
+    # NOTE: [shared graph]: the Lanczos run, the complement's top (subspace) and the SLQ density (temporal)
+    # all differentiate one gradient graph, built by one evaluation of the operator's loss.
+    eigs = _spectrum(n_per_group=(12, 14, 16))  # 42 parameters: more than SMALL_PROBLEM, so Lanczos runs
+    H, w_star = _quadratic(eigs)
+    w = torch.zeros(eigs.size, dtype=torch.float64, requires_grad=True)
+    calls = [0]
+
+    def loss_of(plist):
+        calls[0] += 1
+        d = plist[0] - w_star
+        return 0.5 * d @ (H @ d)
+
+    op = HessianOperator.from_closure(loss_of, [w], check_determinism=False)
+    calls[0] = 0
+    opt = AutoMrGD([w], op, mode=mode)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (w - w_star) @ (H @ (w - w_star))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.estimation_hvps > 10
+    assert calls[0] == len([e for e in opt.events if e["num_hvps"] > 0]) == 1

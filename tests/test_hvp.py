@@ -350,3 +350,154 @@ def test_operator_counts_products_and_exposes_params():
     assert op.params == list(model.parameters())
     with pytest.raises(AttributeError):
         op.params = []
+
+
+# --------------------------------------------------------------------------------------------------------
+# share_graph (NOTE: [shared graph]): products at one point differentiate one gradient graph
+
+
+class _ForwardCounter(nn.Module):
+    """Wraps a model and counts its forward passes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def _counted_operator(batches=None, **kwargs):
+    model = _ForwardCounter(mlp())
+    X, y = data()
+    data_arg = [(X[:10], y[:10]), (X[10:], y[10:])] if batches == 2 else (X, y)
+    op = HessianOperator(model, nn.CrossEntropyLoss(), data_arg, backend="double_backward",
+                         check_determinism=False, **kwargs)
+    model.calls = 0
+    return model, op
+
+
+def _blocks(op, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, op.n, generator=g, dtype=torch.float64) for b in (1, 3, 1, 2)]
+
+
+def test_shared_graph_products_are_bitwise_the_unshared_ones_with_one_forward_pass():
+    model, op = _counted_operator()
+    blocks = _blocks(op)
+    plain = [op.matmat(V) for V in blocks]
+    assert model.calls == len(blocks)  # one forward pass per block product without sharing
+    model.calls = 0
+    with op.share_graph():
+        shared = [op.matmat(V) for V in blocks]
+        assert op._shared is not None
+    assert model.calls == 1
+    assert op._shared is None  # released when the context exits
+    for a, b in zip(plain, shared):
+        assert torch.equal(a, b)
+    assert op.num_hvps == 2 * sum(V.shape[0] for V in blocks)
+
+
+def test_shared_graph_is_rebuilt_when_a_parameter_is_written_in_place():
+    model, op = _counted_operator()
+    v = _blocks(op)[1]
+    with op.share_graph():
+        before = op.matmat(v)
+        with torch.no_grad():
+            op.params[0].mul_(1.5)
+        after = op.matmat(v)
+        again = op.matmat(v)
+    assert model.calls == 2  # one graph per parameter value
+    fresh = op.matmat(v)  # outside the context: rebuilt from scratch
+    assert torch.equal(after, fresh) and torch.equal(again, fresh)
+    assert not torch.allclose(before, after)
+
+
+def test_shared_graph_contexts_nest_and_release_at_the_outermost_exit():
+    model, op = _counted_operator()
+    v = _blocks(op)[0]
+    with op.share_graph():
+        with op.share_graph():
+            op.matmat(v)
+        assert op._shared is not None  # the outer context still holds it
+        op.matmat(v)
+    assert op._shared is None and model.calls == 1
+
+
+@pytest.mark.parametrize("case", ["two_batches", "nondeterministic"])
+def test_no_graph_is_kept_for_several_batches_or_a_nondeterministic_operator(case):
+    if case == "two_batches":
+        model, op = _counted_operator(batches=2)
+        per_product = 2
+    else:
+        model, op = _counted_operator(allow_nondeterministic=True)
+        per_product = 1
+    v = _blocks(op)[0]
+    with op.share_graph():
+        first = op.matmat(v)
+        second = op.matmat(v)
+        assert op._shared is None
+    assert model.calls == 2 * per_product
+    assert torch.equal(first, second)
+
+
+def test_determinism_check_inside_a_shared_context_evaluates_twice():
+    model, op = _counted_operator()
+    with op.share_graph():
+        op.matmat(_blocks(op)[0])
+        model.calls = 0
+        op.check_determinism()
+        assert model.calls == 2  # two independent evaluations, not one graph differentiated twice
+        assert op._shared is not None  # the shared graph survives the check
+
+
+def test_share_graph_of_other_operators():
+    X = torch.randn(5, 5, dtype=torch.float64)
+    A = X @ X.T
+    from mrgd_ext.curvature.operator import as_operator
+
+    dense = as_operator(A)
+    with dense.share_graph():  # nothing to share: a no-op
+        assert torch.equal(dense.matmat(torch.eye(5, dtype=torch.float64)), A)
+
+    class Wrapped:  # an object with matmat/n/dtype/device and its own share_graph, as DistributedOperator
+        n, dtype, device = 5, torch.float64, torch.device("cpu")
+        entered = 0
+
+        def matmat(self, V):
+            return V @ A
+
+        def share_graph(self):
+            import contextlib
+
+            Wrapped.entered += 1
+            return contextlib.nullcontext()
+
+    with as_operator(Wrapped()).share_graph():
+        pass
+    assert Wrapped.entered == 1
+
+
+def test_func_backend_ignores_share_graph():
+    model = mlp()
+    X, y = data()
+    op = HessianOperator(model, nn.CrossEntropyLoss(), (X, y), backend="func", check_determinism=False)
+    v = _blocks(op)[1]
+    plain = op.matmat(v)
+    with op.share_graph():
+        shared = op.matmat(v)
+        assert op._shared is None
+    assert torch.equal(plain, shared)
+
+
+def test_estimate_curvature_evaluates_the_loss_once_per_measurement():
+    from mrgd_ext.curvature import estimate_curvature
+
+    model, op = _counted_operator()
+    est = estimate_curvature(op, num_eigs=3, block_size=1, density_probes=1, density_order=8, seed=0)
+    assert est.num_hvps > 10
+    assert model.calls == 1
+    dense = torch.linalg.eigvalsh(op.to_dense()).flip(0)
+    torch.testing.assert_close(est.eigenvalues[:1], dense[:1], rtol=1e-2, atol=0.0)

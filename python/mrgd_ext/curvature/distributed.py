@@ -28,6 +28,8 @@ bounds the wait.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -195,6 +197,12 @@ class DistributedOperator:
         if params is None:
             raise AttributeError(f"the wrapped {type(self.op).__name__} is not a CurvatureOperator: it has no params")
         return list(params)
+
+    def share_graph(self) -> contextlib.AbstractContextManager[None]:
+        """The wrapped operator's :meth:`~mrgd_ext.curvature.LinearOperator.share_graph` (this rank's products
+        at one point share one gradient graph), or a context that does nothing."""
+        share = getattr(self.op, "share_graph", None)
+        return share() if share is not None else contextlib.nullcontext()
 
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         flat: torch.Tensor = self.op.flatten(tensors)

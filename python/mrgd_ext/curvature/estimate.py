@@ -190,54 +190,56 @@ def estimate_curvature(
     eigenvalues = torch.zeros(0, dtype=torch.float64)
     residuals = torch.zeros(0, dtype=torch.float64)
     vectors = None
-    if num_eigs:
-        k = min(num_eigs, n)
-        result = lanczos(
-            op, k, block_size=min(block_size, k), max_iters=max_lanczos_iters, tol=lanczos_tol, seed=seed,
-            start=start, verify=bool(lanczos_verify),
+    # Every product below is at one point: they may share one gradient graph (NOTE: [shared graph]).
+    with op.share_graph():
+        if num_eigs:
+            k = min(num_eigs, n)
+            result = lanczos(
+                op, k, block_size=min(block_size, k), max_iters=max_lanczos_iters, tol=lanczos_tol, seed=seed,
+                start=start, verify=bool(lanczos_verify),
+            )
+            hvps += result.num_hvps
+            eigenvalues, vectors, residuals = result.eigenvalues, result.eigenvectors, result.residuals
+            values.append(eigenvalues.numpy())
+        # NOTE: [estimation cost]
+        # The SLQ density is the expensive part of an estimate (probes x order HVPs) and is needed only for the
+        # shape of the spectrum below the top Ritz values. It is re-measured only when it could change the plan:
+        # when the top of the spectrum moved by more than density_reuse_tol since the density was taken.
+        reused = False
+        top_now = float(eigenvalues.max()) if eigenvalues.numel() else float("nan")
+        density_top = top_now
+        if density_probes:
+            if previous is not None and previous.density is not None and eigenvalues.numel():
+                top_then = previous.density_lambda_max
+                reused = math.isfinite(top_then) and abs(top_now - top_then) <= density_reuse_tol * abs(top_then)
+            if reused:
+                assert previous is not None and previous.density is not None  # reused implies both
+                density = previous.density
+                density_top = previous.density_lambda_max
+            else:
+                order = min(density_order, n)
+                density = spectral_density(op, num_probes=density_probes, order=order, seed=seed, grid=200)
+                hvps += density.num_hvps
+            mask = density.weights > weight_floor
+            values.append(density.nodes[mask])
+        allv = np.concatenate(values) if values else np.zeros(0)
+        allv = allv[np.isfinite(allv)]
+        if allv.size == 0 or allv.max() <= 0:
+            raise ValueError("op has no positive curvature: the Hessian estimate is not positive anywhere")
+        groups = detect_scales(allv, min_gap=min_gap, floor=floor, max_groups=max_groups)
+        return CurvatureEstimate(
+            groups=groups,
+            lambda_max=float(allv.max()),
+            eigenvalues=eigenvalues,
+            eigenvectors=vectors,
+            residuals=residuals,
+            density=density,
+            num_hvps=hvps,
+            seconds=time.perf_counter() - t0,
+            lanczos=result,
+            density_reused=reused,
+            density_lambda_max=density_top,
         )
-        hvps += result.num_hvps
-        eigenvalues, vectors, residuals = result.eigenvalues, result.eigenvectors, result.residuals
-        values.append(eigenvalues.numpy())
-    # NOTE: [estimation cost]
-    # The SLQ density is the expensive part of an estimate (probes x order HVPs) and is needed only for the
-    # shape of the spectrum below the top Ritz values. It is re-measured only when it could change the plan:
-    # when the top of the spectrum moved by more than density_reuse_tol since the density was taken.
-    reused = False
-    top_now = float(eigenvalues.max()) if eigenvalues.numel() else float("nan")
-    density_top = top_now
-    if density_probes:
-        if previous is not None and previous.density is not None and eigenvalues.numel():
-            top_then = previous.density_lambda_max
-            reused = math.isfinite(top_then) and abs(top_now - top_then) <= density_reuse_tol * abs(top_then)
-        if reused:
-            assert previous is not None and previous.density is not None  # reused implies both
-            density = previous.density
-            density_top = previous.density_lambda_max
-        else:
-            order = min(density_order, n)
-            density = spectral_density(op, num_probes=density_probes, order=order, seed=seed, grid=200)
-            hvps += density.num_hvps
-        mask = density.weights > weight_floor
-        values.append(density.nodes[mask])
-    allv = np.concatenate(values) if values else np.zeros(0)
-    allv = allv[np.isfinite(allv)]
-    if allv.size == 0 or allv.max() <= 0:
-        raise ValueError("op has no positive curvature: the Hessian estimate is not positive anywhere")
-    groups = detect_scales(allv, min_gap=min_gap, floor=floor, max_groups=max_groups)
-    return CurvatureEstimate(
-        groups=groups,
-        lambda_max=float(allv.max()),
-        eigenvalues=eigenvalues,
-        eigenvectors=vectors,
-        residuals=residuals,
-        density=density,
-        num_hvps=hvps,
-        seconds=time.perf_counter() - t0,
-        lanczos=result,
-        density_reused=reused,
-        density_lambda_max=density_top,
-    )
 
 
 def widen_top(groups: list[ScaleGroup], margin: float) -> list[ScaleGroup]:

@@ -278,29 +278,43 @@ class HessianOperator(CurvatureOperator):
         parts = torch.func.vmap(hvp, randomness="same")(*tangents)
         return torch.cat([p.reshape(b, -1) for p in parts], dim=1)
 
+    def _gradient_graph(self, batch: int) -> tuple[list[torch.Tensor], tuple[Any, ...], list[int], bool]:
+        """Leaves, gradients with their graph, the indices of the gradients that have one, and whether the
+        graph is kept for later products (NOTE: [shared graph])."""
+        keep = self._sharing > 0 and len(self._weights) == 1 and not self.allow_nondeterministic
+        version = tuple((p._version, p.data_ptr()) for p in self._params)
+        if keep and self._shared is not None and self._shared[0] == (batch, version):
+            _, leaves, grads, live = self._shared
+            return leaves, grads, live, True
+        self._shared = None
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(True) for p in self._params]
+            loss = self._loss(leaves, batch)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        # NOTE: [constant gradients]
+        # A gradient without a graph is constant in the parameters as far as autograd can tell: its
+        # Hessian rows are zero (a loss linear in those parameters). When that holds for every parameter,
+        # the far likelier cause is a backward that cannot be differentiated (once_differentiable, a detach
+        # inside backward), which would otherwise pass silently as a zero Hessian, so it is an error.
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not live:
+            raise _NoSecondDerivative()
+        if keep:
+            self._shared = ((batch, version), leaves, grads, live)
+        return leaves, grads, live, keep
+
     def _double_backward_product(self, batch: int, tangents: list[torch.Tensor]) -> torch.Tensor:
         b = tangents[0].shape[0]
         out = torch.empty(b, self.n, dtype=self.dtype, device=self.device)
         try:
+            leaves, grads, live, kept = self._gradient_graph(batch)
             with torch.enable_grad():
-                leaves = [p.detach().requires_grad_(True) for p in self._params]
-                loss = self._loss(leaves, batch)
-                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-                # NOTE: [constant gradients]
-                # A gradient without a graph is constant in the parameters as far as autograd can
-                # tell: its Hessian rows are zero (a loss linear in those parameters). When that holds
-                # for every parameter, the far likelier cause is a backward that cannot be
-                # differentiated (once_differentiable, a detach inside backward), which would otherwise
-                # pass silently as a zero Hessian, so it is an error.
-                live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-                if not live:
-                    raise _NoSecondDerivative()
                 for r in range(b):
                     hv = torch.autograd.grad(
                         [grads[i] for i in live],
                         leaves,
                         grad_outputs=[tangents[i][r] for i in live],
-                        retain_graph=r < b - 1,
+                        retain_graph=kept or r < b - 1,
                         allow_unused=True,
                     )
                     out[r] = torch.cat(

@@ -97,19 +97,28 @@ class LinearOperator(abc.ABC):
         """A flat vector (or block) -> its per-parameter parts; a plain operator has one part, the vector."""
         return [vec]
 
+    def share_graph(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which the caller promises the operator does not change (NOTE: [shared graph]); an
+        operator that can save work from that promise does (:class:`mrgd_ext.HessianOperator`), the others
+        ignore it."""
+        return contextlib.nullcontext()
+
 
 class _Operator(LinearOperator):
     """A :class:`LinearOperator` around a block product ``matmat(V [b, n]) -> [b, n]``."""
 
     def __init__(self, matmat: Callable[[torch.Tensor], torch.Tensor], n: int, dtype: torch.dtype,
-                 device: torch.device, unflatten: Callable[[torch.Tensor], list[torch.Tensor]] | None = None):
+                 device: torch.device, unflatten: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+                 share_graph: Callable[[], contextlib.AbstractContextManager[None]] | None = None):
         self._product = matmat
         self.n = int(n)
         self.dtype = dtype
         self.device = torch.device(device)
+        # Instance attributes replace the methods (callables of the same signature, without self).
         if unflatten is not None:
-            # The instance attribute replaces the method (a callable of the same signature, without self).
             self.unflatten = unflatten  # type: ignore[assignment]
+        if share_graph is not None:
+            self.share_graph = share_graph  # type: ignore[method-assign]
         self._init_counter()
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -134,7 +143,8 @@ def as_operator(op: Any, *, n: int | None = None, dtype: torch.dtype | None = No
     if isinstance(op, LinearOperator):
         return op
     if hasattr(op, "matmat") and hasattr(op, "n") and hasattr(op, "dtype") and hasattr(op, "device"):
-        return _Operator(op.matmat, int(op.n), op.dtype, torch.device(op.device), getattr(op, "unflatten", None))
+        return _Operator(op.matmat, int(op.n), op.dtype, torch.device(op.device), getattr(op, "unflatten", None),
+                         getattr(op, "share_graph", None))
     if isinstance(op, np.ndarray):
         op = torch.from_numpy(op)
     if isinstance(op, torch.Tensor):
@@ -346,6 +356,8 @@ class CurvatureOperator(LinearOperator):
         self.dtype = dtype
         self.device = device
         self._checked = False
+        self._sharing = 0  # depth of share_graph() contexts
+        self._shared: Any = None  # what a subclass keeps while sharing (NOTE: [shared graph])
         self._init_counter()
 
     @staticmethod
@@ -459,6 +471,31 @@ class CurvatureOperator(LinearOperator):
     # ------------------------------------------------------------------------------------------------
     # Application
 
+    @contextlib.contextmanager
+    def share_graph(self) -> Iterator[None]:
+        """Products inside this context may share work that depends only on the parameters' values.
+
+        NOTE: [shared graph]
+        A measurement (Lanczos, the complement's top, SLQ) applies the operator tens of times at one point.
+        The double-backward Hessian product rebuilds the loss and its gradient graph for every block; inside
+        this context it builds them once and differentiates the same graph again for each block (one backward
+        pass per vector instead of a forward, a backward and a backward per vector: on the CPU training suite
+        a product of one vector then costs about what a gradient does). The results are the same, bit for
+        bit. The saved graph is checked against the parameters' version counters at every product and
+        rebuilt if they were written in place; it is kept only for an operator of one batch (several batches
+        are how a caller bounds the memory of one graph, and keeping all of them would defeat that) and not
+        when ``allow_nondeterministic`` (dropout would keep one mask for every product). It is released when
+        the outermost context exits. The caller promises that nothing else the loss reads (a closure's
+        captured state, the model's buffers) changes inside the context.
+        """
+        self._sharing += 1
+        try:
+            yield
+        finally:
+            self._sharing -= 1
+            if self._sharing == 0:
+                self._shared = None
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         if self._auto_check and not self._checked:
             self._checked = True
@@ -494,8 +531,13 @@ class CurvatureOperator(LinearOperator):
         tol = math.sqrt(torch.finfo(self.dtype).eps) if rtol is None else float(rtol)
         gen = torch.Generator().manual_seed(int(seed))
         v = torch.randn(1, self.n, generator=gen, dtype=torch.float64).to(device=self.device, dtype=self.dtype)
-        first = self._apply(v)
-        second = self._apply(v)
+        sharing, shared = self._sharing, self._shared
+        self._sharing, self._shared = 0, None  # two independent evaluations, not one graph differentiated twice
+        try:
+            first = self._apply(v)
+            second = self._apply(v)
+        finally:
+            self._sharing, self._shared = sharing, shared
         scale = float(torch.linalg.vector_norm(first.double()))
         diff = float(torch.linalg.vector_norm((first - second).double()))
         rel = diff / scale if scale > 0 else diff

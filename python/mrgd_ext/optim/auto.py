@@ -41,7 +41,9 @@ tuned GD's final loss soonest among 4/8/16 pairs and b = 1/4: 23-60 HVPs per mea
 b = 4 took 46-124, and the deflated remainder is accelerated anyway); Lanczos stops at a relative residual of
 1e-2 (group edges to about that accuracy; the plan carries a margin on ``lambda_max``, and in subspace mode the
 residuals cap the base rate: NOTE: [basis accuracy]), warm-started from the previous Ritz vectors; the SLQ density is
-re-measured only when the top of the spectrum has moved (:func:`mrgd_ext.curvature.estimate_curvature`).
+re-measured only when the top of the spectrum has moved (:func:`mrgd_ext.curvature.estimate_curvature`);
+all products of one measurement differentiate one gradient graph (NOTE: [shared graph]: on the suite's
+networks a measurement took 27-41% less time, with the same numbers).
 The complement's top (subspace mode) is warm-started from its previous Ritz vector. Refreshes are adaptive:
 the interval starts at ``refresh_every`` and doubles (up to ``max_refresh_interval``) each time a refresh finds
 the same groups or the loss is below its rounding floor (NOTE: [loss floor]); and in temporal mode the optimisation's
@@ -582,16 +584,18 @@ class AutoMrGD(MrGD):
         if self.warm_start and self.estimate is not None and self.estimate.eigenvectors is not None:
             start = self.estimate.eigenvectors
         t0 = time.perf_counter()
-        estimate = estimate_curvature(
-            self.hessian, start=start, seed=self.seed + self._measurements, previous=self.estimate,
-            **self._measure_kwargs
-        )
-        self.history_max_curvature = 0.0
-        self._estimate_is_current = True
-        plan = self._plan(estimate)
-        extra_hvps = 0
-        if self.mode == "subspace":
-            self._complement_top, extra_hvps = self._measure_complement(estimate)
+        # The estimate and the complement's top share one gradient graph (NOTE: [shared graph]).
+        with as_operator(self.hessian).share_graph():
+            estimate = estimate_curvature(
+                self.hessian, start=start, seed=self.seed + self._measurements, previous=self.estimate,
+                **self._measure_kwargs
+            )
+            self.history_max_curvature = 0.0
+            self._estimate_is_current = True
+            plan = self._plan(estimate)
+            extra_hvps = 0
+            if self.mode == "subspace":
+                self._complement_top, extra_hvps = self._measure_complement(estimate)
         if self._groups is not None and 0.0 < self._lambda_max < float(estimate.lambda_max):
             self._recover_scale(float(estimate.lambda_max) / self._lambda_max)
         self.estimate, self.plan = estimate, plan
