@@ -29,7 +29,6 @@ bounds the wait.
 from __future__ import annotations
 
 import contextlib
-
 import math
 from collections.abc import Sequence
 from typing import Any
