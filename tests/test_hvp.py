@@ -501,3 +501,21 @@ def test_estimate_curvature_evaluates_the_loss_once_per_measurement():
     assert model.calls == 1
     dense = torch.linalg.eigvalsh(op.to_dense()).flip(0)
     torch.testing.assert_close(est.eigenvalues[:1], dense[:1], rtol=1e-2, atol=0.0)
+
+
+@pytest.mark.parametrize("routine", ["lanczos", "spectral_density", "hutchinson_trace", "hutchinson_diagonal",
+                                     "xtrace"])
+def test_krylov_routines_build_one_graph_per_call(routine):
+    import mrgd_ext.curvature as curvature
+
+    model, op = _counted_operator()
+    fn = getattr(curvature, routine)
+    if routine == "lanczos":
+        fn(op, 2, block_size=1, tol=1e-6, seed=0)
+    elif routine == "spectral_density":
+        fn(op, num_probes=2, order=6, seed=0)
+    else:
+        fn(op, 6, seed=0)
+    assert op.num_hvps >= 4
+    assert model.calls == 1
+    assert op._shared is None  # released when the routine returns

@@ -22,7 +22,7 @@ import torch
 
 from mrgd_ext._validation import check_int
 from mrgd_ext.curvature.krylov import CountingApply, host_eigh, probe_tridiagonals
-from mrgd_ext.curvature.operator import as_operator
+from mrgd_ext.curvature.operator import as_operator, at_one_point
 
 # Re-exported: the trace estimators used to live here.
 from mrgd_ext.curvature.trace import TraceEstimate, _rademacher, hutchinson_trace
@@ -75,6 +75,7 @@ def _gaussian_mixture(grid: np.ndarray, nodes: np.ndarray, weights: np.ndarray, 
     return out * norm
 
 
+@at_one_point
 def spectral_density(
     op: Any,
     num_probes: int = 10,

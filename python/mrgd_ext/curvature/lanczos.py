@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from mrgd_ext.curvature.krylov import ORTHOGONALIZERS, BlockKrylov, CountingApply, host_eigh, orthogonalizer
-from mrgd_ext.curvature.operator import LinearOperator, as_operator
+from mrgd_ext.curvature.operator import LinearOperator, as_operator, at_one_point
 
 __all__ = ["lanczos", "LanczosResult", "WHICH", "ORTHOGONALIZERS", "VERIFY_CONFIDENCE"]
 
@@ -231,6 +231,7 @@ def _thresholds(theta: np.ndarray, tol: float, scale: float, eps: float) -> np.n
     return thresholds
 
 
+@at_one_point
 def lanczos(
     op: Any,
     k: int,

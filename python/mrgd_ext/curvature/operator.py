@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -128,6 +129,23 @@ class _Operator(LinearOperator):
 
     def __repr__(self) -> str:
         return f"LinearOperator(n={self.n}, dtype={self.dtype}, device={self.device}, hvps={self.num_hvps})"
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def at_one_point(fn: _F) -> _F:
+    """Run ``fn(op, ...)`` inside ``op.share_graph()`` when ``op`` has one: every product a Krylov routine
+    makes is at the same parameters (NOTE: [shared graph])."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        op = args[0] if args else kwargs.get("op")
+        share = getattr(op, "share_graph", None)
+        with share() if callable(share) else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+
+    return cast(_F, wrapper)
 
 
 def as_operator(op: Any, *, n: int | None = None, dtype: torch.dtype | None = None,

@@ -26,7 +26,7 @@ import torch
 
 from mrgd_ext._validation import check_int
 from mrgd_ext.curvature.krylov import CountingApply
-from mrgd_ext.curvature.operator import LinearOperator, as_operator
+from mrgd_ext.curvature.operator import LinearOperator, as_operator, at_one_point
 
 __all__ = [
     "TRACE_METHODS",
@@ -116,6 +116,7 @@ def _orth_rows(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return Qc.T, R
 
 
+@at_one_point
 def hutchinson_trace(
     op: Any,
     num_probes: int = 100,
@@ -142,6 +143,7 @@ def hutchinson_trace(
     return TraceEstimate(trace=t, stderr=err, samples=s, num_probes=num_probes, num_hvps=apply.num_hvps)
 
 
+@at_one_point
 def hutchpp_trace(
     op: Any,
     budget: int = 99,
@@ -174,6 +176,7 @@ def hutchpp_trace(
                          method="hutch++")
 
 
+@at_one_point
 def xtrace(
     op: Any,
     budget: int = 100,
@@ -254,6 +257,7 @@ def trace(
     return hutchinson_trace(op, budget, seed=seed, batch_size=batch_size, n=n, dtype=dtype, device=device)
 
 
+@at_one_point
 def hutchinson_diagonal(
     op: Any,
     num_probes: int = 100,
