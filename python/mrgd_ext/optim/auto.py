@@ -58,8 +58,8 @@ Subspace mode (Ritz rates, restarted Nesterov momentum on the preconditioned ste
 training suite (benchmarks/results/training_cpu.md, full budgets) it ends lower than temporal mode on six of seven
 problems (not on the raw-diabetes MLP: 2854 against 2701) with fewer HVPs on all seven (11-225 against 66-755;
 its Lanczos measures no SLQ density), and it meets targets there that temporal mode misses (gap 1e-6 on raw least
-squares and logistic regression; 0.07-0.20x GD's time on logistic and softmax regression, the wine MLP and the
-CNN).
+squares and logistic regression; 0.05-0.14x GD's time on logistic and softmax regression, the wine MLP and the
+CNN; the multiscale MLP in 0.87x heavy ball's time).
 
 NOTE: [gradient noise]
 With minibatch gradients every step also injects noise, and a large step multiplies the noise that the small
