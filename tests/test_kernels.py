@@ -328,3 +328,62 @@ def test_ops_trace_under_torch_compile():
     torch.compile(step, backend="aot_eager", fullgraph=True)(compiled, grads, basis)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# NOTE: [no decay term]: weight_decay == 0 adds no term, as torch.optim.SGD
+
+
+def _special_values(dtype):
+    # inf * 0 would be NaN and the signed zeros would flip if a zero decay term were added.
+    vals = [float("inf"), float("-inf"), -0.0, 0.0, 1.5, -2.0, 3.0e3]
+    # 19 elements: the AVX2 lanes (16 at a time for 16-bit types), then the scalar tail.
+    return torch.tensor(vals * 2 + vals[:5], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_temporal_step_adds_a_decay_term_only_when_weight_decay_is_nonzero(dtype, weight_decay):
+    p0 = _special_values(dtype)
+    g = torch.linspace(-1.0, 1.0, p0.numel()).to(dtype)
+    g[3] = -0.0  # a signed-zero gradient on a signed-zero parameter
+    fused, foreach, reference = p0.clone(), p0.clone(), p0.clone()
+    _ops.multirate_step_([fused], [g], 0.25, weight_decay=weight_decay)
+    ref.multirate_step([reference], [g], 0.25, weight_decay=weight_decay)
+    p_sgd = torch.nn.Parameter(p0.clone())
+    p_sgd.grad = g.clone()
+    torch.optim.SGD([p_sgd], lr=0.25, weight_decay=weight_decay, foreach=False).step()
+    opt = mrgd_ext.MrGD([torch.nn.Parameter(foreach)], plan=[0.25], weight_decay=weight_decay, foreach=True,
+                        fused=False)
+    opt.param_groups[0]["params"][0].grad = g.clone()
+    opt.step()
+    foreach = opt.param_groups[0]["params"][0].detach()
+    if weight_decay == 0.0:
+        assert torch.isinf(fused[:2]).all()  # an infinite parameter stays infinite, as in SGD
+    for got in (fused, reference, foreach):
+        _assert_same_bits(got, p_sgd.detach())
+
+
+def _assert_same_bits(got, want):
+    """NaN exactly where ``want`` has NaN (payloads aside), every other element bit for bit (signed zeros)."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+    keep = ~torch.isnan(want)
+    assert torch.equal(got.view(bits)[keep], want.view(bits)[keep]), (got, want)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_subspace_ops_add_a_decay_term_only_when_weight_decay_is_nonzero(weight_decay):
+    p0 = _special_values(torch.float64)
+    g = torch.linspace(-1.0, 1.0, p0.numel(), dtype=torch.float64)
+    basis = torch.zeros(1, p0.numel(), dtype=torch.float64)
+    basis[0, 4] = 1.0  # a finite coordinate, so the projection stays finite
+    c_kernel = _ops.subspace_project([p0], [g], basis, weight_decay=weight_decay)
+    c_ref = ref.subspace_project([p0], [g], basis, weight_decay=weight_decay)
+    _assert_same_bits(c_kernel, c_ref)  # NaN with a decay term: 0 * (g + 0.1 * inf) in the dot product
+    coeffs = torch.tensor([0.5], dtype=torch.float64)
+    fused, reference = p0.clone(), p0.clone()
+    _ops.subspace_step_([fused], [g], basis, coeffs, 0.25, weight_decay=weight_decay)
+    ref.subspace_step([reference], [g], basis, coeffs, 0.25, weight_decay=weight_decay)
+    _assert_same_bits(fused, reference)
+    assert torch.isinf(fused[:2]).all() == (weight_decay == 0.0)

@@ -141,8 +141,8 @@ constexpr bool kHasLanes = false;
 
 // Fn::apply on every element of one chunk of every list (NOTE: [element-wise ops]). The lists are read
 // through separate pointers that never alias (each list holds distinct tensors; the caller checks).
-template <typename Fn, int Kind>
-void elementwise_chunk(void* const* x, int64_t len, const double* s) {
+template <typename Fn, int Kind, bool Decay>
+void elementwise_loop(void* const* x, int64_t len, const double* s) {
   using S = Storage<Kind>;
   using raw = typename S::raw;
   using acc = typename S::acc;
@@ -163,14 +163,14 @@ void elementwise_chunk(void* const* x, int64_t len, const double* s) {
         lo[j] = Lanes<Kind>::load(ptr[j] + i);
         hi[j] = Lanes<Kind>::load(ptr[j] + i + 8);
       }
-      Fn::template apply<F8>(lo, s8);
-      Fn::template apply<F8>(hi, s8);
+      Fn::template apply<F8, Decay>(lo, s8);
+      Fn::template apply<F8, Decay>(hi, s8);
       for (int j = 0; j < Fn::kUpdated; ++j) Lanes<Kind>::store2(ptr[j] + i, lo[j], hi[j]);
     }
     for (; i + 8 <= len; i += 8) {
       F8 v[N];
       for (int j = 0; j < N; ++j) v[j] = Lanes<Kind>::load(ptr[j] + i);
-      Fn::template apply<F8>(v, s8);
+      Fn::template apply<F8, Decay>(v, s8);
       for (int j = 0; j < Fn::kUpdated; ++j) Lanes<Kind>::store(ptr[j] + i, v[j]);
     }
   }
@@ -181,9 +181,18 @@ void elementwise_chunk(void* const* x, int64_t len, const double* s) {
   for (int64_t e = i; e < len; ++e) {
     acc v[N];
     for (int j = 0; j < N; ++j) v[j] = S::load(ptr[j][e]);
-    Fn::template apply<acc>(v, s_a);
+    Fn::template apply<acc, Decay>(v, s_a);
     for (int j = 0; j < Fn::kUpdated; ++j) ptr[j][e] = S::store(v[j]);
   }
+}
+
+// One chunk of an element-wise op: the loop with or without the weight-decay term (NOTE: [no decay term]).
+template <typename Fn, int Kind>
+void elementwise_chunk(void* const* x, int64_t len, const double* s) {
+  if constexpr (Fn::kDecayScalar >= 0) {
+    if (!decays(s[Fn::kDecayScalar])) return elementwise_loop<Fn, Kind, false>(x, len, s);
+  }
+  elementwise_loop<Fn, Kind, true>(x, len, s);
 }
 
 // NOTE: [projection accuracy]
@@ -201,8 +210,13 @@ void project_chunk(const void* p_, const void* g_, int64_t len, const void* U_, 
   const auto* U = static_cast<const typename B::raw*>(U_);
   acc* __restrict geff = static_cast<acc*>(scratch);
   const acc wd_a = static_cast<acc>(weight_decay), f_a = static_cast<acc>(factor);
+  const auto fill = [&](auto decay) {
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) geff[i] = effective_gradient<acc>(S::load(p[i]), S::load(g[i]), wd_a, f_a);
+    for (int64_t i = 0; i < len; ++i) {
+      geff[i] = effective_gradient<acc, decltype(decay)::value>(S::load(p[i]), S::load(g[i]), wd_a, f_a);
+    }
+  };
+  decays(weight_decay) ? fill(std::true_type{}) : fill(std::false_type{});
   for (int64_t k = 0; k < r; ++k) {
     const auto* __restrict u = U + k * ld;
     acc sum = 0;
@@ -230,10 +244,14 @@ void subspace_step_chunk(void* p_, const void* g_, int64_t len, const void* U_, 
     for (int64_t i = 0; i < len; ++i) corr[i] += static_cast<acc>(B::load(u[i])) * wk;
   }
   const acc lr_a = static_cast<acc>(lr), wd_a = static_cast<acc>(weight_decay), f_a = static_cast<acc>(factor);
+  const auto update = [&](auto decay) {
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    p[i] = S::store(subspace_update<acc>(S::load(p[i]), S::load(g[i]), corr[i], lr_a, wd_a, f_a));
-  }
+    for (int64_t i = 0; i < len; ++i) {
+      p[i] = S::store(
+          subspace_update<acc, decltype(decay)::value>(S::load(p[i]), S::load(g[i]), corr[i], lr_a, wd_a, f_a));
+    }
+  };
+  decays(weight_decay) ? update(std::true_type{}) : update(std::false_type{});
 }
 
 template <int Kind>

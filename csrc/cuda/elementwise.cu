@@ -45,6 +45,15 @@ struct ScalarArgs {
   const float* found_inf;
 };
 
+template <typename Fn, typename opmath_t>
+__device__ __forceinline__ void apply_element(opmath_t* x, const opmath_t* s, bool decay) {
+  if (decay) {
+    Fn::template apply<opmath_t, true>(x, s);
+  } else {
+    Fn::template apply<opmath_t, false>(x, s);
+  }
+}
+
 template <typename Fn, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(const cuda::TensorPack<Fn::kLists> meta, ScalarArgs<Fn, at::opmath_type<scalar_t>> args) {
@@ -57,6 +66,8 @@ __global__ void __launch_bounds__(kThreads)
     args.s[Fn::kScalars] = gradient_factor<opmath_t>(args.maximize, args.grad_scale);
   }
 
+  // Uniform across the launch, so the branch in apply_element never diverges (NOTE: [no decay term]).
+  const bool decay = Fn::kDecayScalar < 0 || decays(static_cast<double>(args.s[Fn::kDecayScalar]));
   const cuda::ChunkWork w = cuda::find_chunk<kChunk>(meta);
   const int len = w.len;
   scalar_t* ptr[N];
@@ -86,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
         opmath_t x[N];
 #pragma unroll
         for (int j = 0; j < N; ++j) x[j] = static_cast<opmath_t>(packs[j].v[e]);
-        Fn::template apply<opmath_t>(x, args.s);
+        apply_element<Fn>(x, args.s, decay);
 #pragma unroll
         for (int j = 0; j < Fn::kUpdated; ++j) packs[j].v[e] = static_cast<scalar_t>(x[j]);
       }
@@ -99,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
     opmath_t x[N];
 #pragma unroll
     for (int j = 0; j < N; ++j) x[j] = static_cast<opmath_t>(ptr[j][i]);
-    Fn::template apply<opmath_t>(x, args.s);
+    apply_element<Fn>(x, args.s, decay);
 #pragma unroll
     for (int j = 0; j < Fn::kUpdated; ++j) ptr[j][i] = static_cast<scalar_t>(x[j]);
   }

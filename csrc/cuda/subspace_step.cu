@@ -55,6 +55,7 @@ __global__ void __launch_bounds__(kThreads)
                             double* __restrict__ partial, int64_t num_chunks, int64_t chunk_base) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t factor = gradient_factor<opmath_t>(maximize, grad_scale);
+  const bool decay = decays(static_cast<double>(weight_decay));  // NOTE: [no decay term]
   const cuda::ChunkWork w = cuda::find_chunk<kChunk>(meta);
   const scalar_t* __restrict__ p = static_cast<const scalar_t*>(meta.ptr[0][w.t]) + w.begin;
   const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.ptr[1][w.t]) + w.begin;
@@ -65,8 +66,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int k = 0; k < R; ++k) acc[k] = opmath_t(0);
   // Consecutive threads take consecutive elements: every load of p, g and each basis row is coalesced.
   for (int i = threadIdx.x; i < w.len; i += kThreads) {
-    const opmath_t geff = effective_gradient<opmath_t>(static_cast<opmath_t>(p[i]), static_cast<opmath_t>(g[i]),
-                                                       weight_decay, factor);
+    const opmath_t pi = static_cast<opmath_t>(p[i]), gi = static_cast<opmath_t>(g[i]);
+    const opmath_t geff = decay ? effective_gradient<opmath_t, true>(pi, gi, weight_decay, factor)
+                                : effective_gradient<opmath_t, false>(pi, gi, weight_decay, factor);
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       if (k < r) acc[k] += static_cast<opmath_t>(u[k * ld + i]) * geff;
@@ -119,6 +121,7 @@ __global__ void __launch_bounds__(kThreads)
   using opmath_t = at::opmath_type<scalar_t>;
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler skipped this step
   const opmath_t factor = gradient_factor<opmath_t>(maximize, grad_scale);
+  const bool decay = decays(static_cast<double>(weight_decay));  // NOTE: [no decay term]
   const cuda::ChunkWork w = cuda::find_chunk<kChunk>(meta);
   scalar_t* __restrict__ p = static_cast<scalar_t*>(meta.ptr[0][w.t]) + w.begin;
   const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.ptr[1][w.t]) + w.begin;
@@ -127,8 +130,9 @@ __global__ void __launch_bounds__(kThreads)
     // Summed from k = 0 upwards in the arithmetic type, as the CPU kernel does, so both round alike.
     opmath_t correction = opmath_t(0);
     for (int k = 0; k < r; ++k) correction += static_cast<opmath_t>(u[k * ld + i]) * __ldg(coeffs + k);
-    p[i] = static_cast<scalar_t>(subspace_update<opmath_t>(static_cast<opmath_t>(p[i]), static_cast<opmath_t>(g[i]),
-                                                           correction, lr, weight_decay, factor));
+    const opmath_t pi = static_cast<opmath_t>(p[i]), gi = static_cast<opmath_t>(g[i]);
+    p[i] = static_cast<scalar_t>(decay ? subspace_update<opmath_t, true>(pi, gi, correction, lr, weight_decay, factor)
+                                       : subspace_update<opmath_t, false>(pi, gi, correction, lr, weight_decay, factor));
   }
 }
 

@@ -15,7 +15,9 @@
 // non-zero found_inf skips the whole update (GradScaler saw inf/nan).
 //
 // apply() is a template over the arithmetic type, evaluated on float/double, on the AVX2 lanes of the CPU
-// loops and on the GPU: x[j] is the element of list j (written back for j < kUpdated), s the scalars.
+// loops and on the GPU: x[j] is the element of list j (written back for j < kUpdated), s the scalars. Its
+// second template argument drops the weight-decay term; kDecayScalar (-1: none) says which scalar decides
+// (NOTE: [no decay term]).
 #include "mrgd_ext/host_device.h"
 #include "mrgd_ext/update_math.h"
 
@@ -33,9 +35,11 @@ struct MultirateStep {
   static constexpr int kScalars = 2;
   static constexpr const char* kScalarNames[kScalars] = {"lr", "weight_decay"};
   static constexpr bool kGradFactor = true;
-  template <typename T>
+  // Index of the weight-decay scalar: the loops pick apply<T, false> when it is 0 (NOTE: [no decay term]).
+  static constexpr int kDecayScalar = 1;
+  template <typename T, bool Decay = true>
   MRGD_HOST_DEVICE_MEMBER void apply(T* x, const T* s) {
-    x[0] = multirate_update<T>(x[0], x[1], s[0], s[1], s[2]);
+    x[0] = multirate_update<T, Decay>(x[0], x[1], s[0], s[1], s[2]);
   }
 };
 

@@ -15,25 +15,40 @@ MRGD_HOST_DEVICE acc_t gradient_factor(bool maximize, const float* grad_scale) {
 
 // The gradient the update descends along: the unscaled (and possibly negated) loss gradient plus the
 // L2 weight-decay term, as in torch.optim.SGD. The subspace step projects this same vector.
-template <typename acc_t>
+// NOTE: [no decay term]
+// With weight_decay == 0 the term is not added at all (Decay = false), as torch.optim.SGD and this
+// project's foreach path do: 0 * p would turn an infinite parameter into NaN, and the element loop would
+// spend two of its five operations on nothing (float32 out of cache: 0.64 -> 0.52-0.57 ns per element, the
+// difference between the fused step and torch's fused SGD). Loops choose Decay once per call
+// (decays(weight_decay)), never per element on the CPU.
+template <typename acc_t, bool Decay = true>
 MRGD_HOST_DEVICE acc_t effective_gradient(acc_t param, acc_t grad, acc_t weight_decay, acc_t grad_factor) {
-  return grad * grad_factor + weight_decay * param;
+  if constexpr (Decay) {
+    return grad * grad_factor + weight_decay * param;
+  } else {
+    (void)param;
+    (void)weight_decay;
+    return grad * grad_factor;
+  }
 }
 
+// Whether a weight decay adds its term (NOTE: [no decay term]).
+MRGD_HOST_DEVICE bool decays(double weight_decay) { return weight_decay != 0.0; }
+
 // One multirate (temporal) step: plain gradient descent at this step's rate of the cycle.
-template <typename acc_t>
+template <typename acc_t, bool Decay = true>
 MRGD_HOST_DEVICE acc_t multirate_update(acc_t param, acc_t grad, acc_t lr, acc_t weight_decay,
                                         acc_t grad_factor) {
-  return param - lr * effective_gradient(param, grad, weight_decay, grad_factor);
+  return param - lr * effective_gradient<acc_t, Decay>(param, grad, weight_decay, grad_factor);
 }
 
 // One multirate subspace (spatial) step for one element i:
 //   p_i <- p_i - lr * geff_i - correction_i,   correction_i = sum_k U[k, i] * coeffs[k],
 // where coeffs[k] = (eta_k - lr) * (U^T geff)_k gives column k its own rate eta_k.
-template <typename acc_t>
+template <typename acc_t, bool Decay = true>
 MRGD_HOST_DEVICE acc_t subspace_update(acc_t param, acc_t grad, acc_t correction, acc_t lr, acc_t weight_decay,
                                        acc_t grad_factor) {
-  return param - lr * effective_gradient(param, grad, weight_decay, grad_factor) - correction;
+  return param - lr * effective_gradient<acc_t, Decay>(param, grad, weight_decay, grad_factor) - correction;
 }
 
 }  // namespace mrgd_ext

@@ -36,8 +36,10 @@ def _gradient_factor(
 def effective_gradient(
     param: torch.Tensor, grad: torch.Tensor, weight_decay: float, factor: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``grad * factor + weight_decay * param`` in ``dtype`` (factor = sign / grad scale)."""
-    return grad.to(dtype) * factor + weight_decay * param.to(dtype)
+    """``grad * factor + weight_decay * param`` in ``dtype`` (factor = sign / grad scale); with
+    ``weight_decay == 0`` no term at all, as torch.optim.SGD (``0 * inf`` would be NaN: NOTE: [no decay term])."""
+    scaled = grad.to(dtype) * factor
+    return scaled + weight_decay * param.to(dtype) if weight_decay != 0 else scaled
 
 
 def multirate_step(
