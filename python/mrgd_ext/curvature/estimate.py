@@ -140,10 +140,10 @@ def _every_pair(op: LinearOperator) -> tuple[torch.Tensor, torch.Tensor, torch.T
     basis spans the whole space anyway, so Lanczos would spend the same n products plus n iterations of
     orthogonalisation and Ritz extraction, which on problems of tens of parameters cost far more than the
     products themselves (a 31-parameter logistic regression: 0.14 ms per product, ~0.9 ms per iteration).
-    The dense matrix from n products (one block, one gradient graph: NOTE: [shared graph]) and one
+    The dense matrix from n products (blocks of 64, one gradient graph: NOTE: [shared graph]) and one
     symmetric eigendecomposition give the exact pairs instead.
     """
-    H = op.to_dense(block_size=op.n).to(torch.float64)
+    H = op.to_dense().to(torch.float64)
     H = 0.5 * (H + H.T)
     values, vectors = torch.linalg.eigh(H.cpu())
     values, vectors = values.flip(0), vectors.flip(1)

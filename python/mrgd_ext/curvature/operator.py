@@ -497,8 +497,9 @@ class CurvatureOperator(LinearOperator):
         A measurement (Lanczos, the complement's top, SLQ) applies the operator tens of times at one point.
         The double-backward Hessian product rebuilds the loss and its gradient graph for every block; inside
         this context it builds them once and differentiates the same graph again for each block (one backward
-        pass per vector instead of a forward, a backward and a backward per vector: on the CPU training suite
-        a product of one vector then costs about what a gradient does). The results are the same, bit for
+        pass per vector instead of a forward, a backward and a backward per vector: a first measurement's
+        product took 2.8-3.4 ms instead of 4.1-4.6 on the suite's multiscale MLP, whose training step takes
+        ~2.4 ms, and 33-34 ms instead of 52-55 on its CNN, step ~13.5 ms). The results are the same, bit for
         bit. The saved graph is checked against the parameters' version counters at every product and
         rebuilt if they were written in place; it is kept only for an operator of one batch (several batches
         are how a caller bounds the memory of one graph, and keeping all of them would defeat that) and not
