@@ -19,6 +19,7 @@ per rank, so such layouts are refused.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -41,6 +42,9 @@ def local_pairs(
     params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Local shards of matching parameter and gradient lists (NOTE: [local shards])."""
+    module = sys.modules.get("torch.distributed.tensor")  # absent: no DTensor can exist (see is_dtensor)
+    if module is None or not any(isinstance(t, module.DTensor) for ts in (params, grads) for t in ts):
+        return list(params), list(grads)  # plain tensors (every step of a non-sharded model): nothing to unwrap
     out_p, out_g = [], []
     for i, (p, g) in enumerate(zip(params, grads)):
         if is_dtensor(p) != is_dtensor(g) or (is_dtensor(p) and is_dtensor(g) and p.placements != g.placements):

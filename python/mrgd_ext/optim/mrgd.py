@@ -603,9 +603,18 @@ class MrGD(Optimizer):
                 _check_group_fields(group, f"param_groups[{gi}]", checked.get(gi))
                 checked[gi] = group["cycle"]
             params, grads = [], []
+            need_contiguous = group["fused"] and not compiling
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
+                    continue
+                # The common case in one expression (this loop runs for every parameter of every step); the
+                # checks below then say which condition failed.
+                if (g.layout == torch.strided and p.dtype in KERNEL_PARAM_DTYPES and g.dtype == p.dtype
+                        and g.shape == p.shape and g.device == p.device
+                        and (not need_contiguous or (p.is_contiguous() and g.is_contiguous()))):
+                    params.append(p)
+                    grads.append(g)
                     continue
                 name = _param_name(gi, pi)
                 if g.is_sparse or g.layout != torch.strided:
@@ -618,13 +627,10 @@ class MrGD(Optimizer):
                                      f"{tuple(p.shape)}")
                 if g.device != p.device:
                     raise ValueError(f"{name}: gradient on {g.device} but the parameter on {p.device}")
-                if group["fused"] and not compiling and not (p.is_contiguous() and g.is_contiguous()):
-                    raise ValueError(
-                        f"{name} is not contiguous; the fused kernel needs contiguous tensors "
-                        "(use fused=None or foreach=True for such parameters)"
-                    )
-                params.append(p)
-                grads.append(g)
+                raise ValueError(
+                    f"{name} is not contiguous; the fused kernel needs contiguous tensors "
+                    "(use fused=None or foreach=True for such parameters)"
+                )
             buckets = _group_by_device_and_dtype(params, grads)
             _check_flags_and_kernels(buckets, group["fused"] and not compiling, grad_scale, found_inf)
             prepared.append(buckets)
