@@ -387,3 +387,23 @@ def test_subspace_ops_add_a_decay_term_only_when_weight_decay_is_nonzero(weight_
     ref.subspace_step([reference], [g], basis, coeffs, 0.25, weight_decay=weight_decay)
     _assert_same_bits(fused, reference)
     assert torch.isinf(fused[:2]).all() == (weight_decay == 0.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_temporal_step_is_the_same_for_any_thread_split(threads):
+    # NOTE: [balanced element-wise split]: threads take ranges of the flat element range that start and end
+    # inside tensors and skip empty ones; every element must be updated exactly once, whatever the split.
+    sizes = [0, 70001, 0, 0, 1, 65536, 3, 0, 40000, 1000, 0]
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(s, generator=g) for s in sizes]
+    grads = [torch.randn(s, generator=g) for s in sizes]
+    expected = [p.clone() for p in params]
+    ref.multirate_step(expected, grads, 0.3, weight_decay=0.01)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _ops.multirate_step_(params, grads, 0.3, weight_decay=0.01)
+    finally:
+        torch.set_num_threads(before)
+    for got, want in zip(params, expected):
+        assert torch.equal(got, want)
