@@ -1,7 +1,7 @@
 // CPU backend of the element-wise multi-tensor ops (NOTE: [element-wise ops] in elementwise_ops.h): the
-// gradient factor and the found_inf skip, dtype dispatch, and one parallel loop over the flat element range of
-// all tensors (NOTE: [balanced element-wise split]); the element loop of each op comes from the ISA kernel table. Registers every op of
-// MRGD_ELEMENTWISE_OPS for the CPU.
+// gradient factor and the found_inf skip, dtype dispatch, and one parallel loop over the flat element range
+// of all tensors (NOTE: [balanced element-wise split]); the element loop of each op comes from the ISA kernel
+// table. Registers every op of MRGD_ELEMENTWISE_OPS for the CPU.
 #include <algorithm>
 #include <vector>
 
