@@ -282,7 +282,7 @@ class HessianOperator(CurvatureOperator):
         """Leaves, gradients with their graph, the indices of the gradients that have one, and whether the
         graph is kept for later products (NOTE: [shared graph])."""
         keep = self._sharing > 0 and len(self._weights) == 1 and not self.allow_nondeterministic
-        version = tuple((p._version, p.data_ptr()) for p in self._params)
+        version = tuple((p._version, p.data_ptr()) for p in self._params) if keep else ()
         if keep and self._shared is not None and self._shared[0] == (batch, version):
             _, leaves, grads, live = self._shared
             return leaves, grads, live, True
