@@ -615,7 +615,7 @@ def test_auto_check_points_compare_with_the_lowest_loss_so_far():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
     opt = AutoMrGD([w], op, mode="subspace", num_eigs=10, block_size=2, density_order=eigs.size, max_groups=None,
-                   check_every=1, loss_slack=0.05, refresh_every=10**6, max_backoffs=0)
+                   check_every=1, loss_slack=0.05, refresh_every=10**6, max_backoffs=0, stochastic=False)
     losses = iter([1.0, 1.03, 1.06, 0.9])
 
     def creeping():  # true gradients, a scripted loss
@@ -682,7 +682,7 @@ def test_cycle_aware_guard_accepts_a_transient_rise_within_the_predicted_bound()
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
     opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6,
-                   gradient_history=False)
+                   gradient_history=False, stochastic=False)  # scripted losses of one deterministic closure
     length = opt.plan.cycle_length
     assert length >= 3 and opt._growth_bound > 4.0
     script = [1.0] + [min(4.0, opt._growth_bound / 2)] * (length - 1) + [0.5]
@@ -703,7 +703,7 @@ def test_cycle_aware_guard_rolls_back_a_rise_at_the_cycle_end():
     eigs = _spectrum()
     w, w_star, H, op, closure_for = _problem(eigs)
     opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6,
-                   gradient_history=False)
+                   gradient_history=False, stochastic=False)  # scripted losses of one deterministic closure
     length = opt.plan.cycle_length
     start = w.detach().clone()
     script = [1.0] + [2.0] * (length - 1) + [1.2, 0.9]
@@ -949,10 +949,10 @@ def test_secant_back_off_shrinks_by_the_curvature_along_the_rejected_step():
     assert torch.equal(opt._snapshot[0], x0)  # rolled back to the check point
 
 
-def _noisy_run(monkeypatch_noise_off: bool, steps: int = 400):
+def _noisy_run(monkeypatch_noise_off: bool, steps: int = 400, stochastic: bool | None = False):
     eigs = _spectrum()
     w, w_star, H, op, _closure_for = _problem(eigs)
-    opt = AutoMrGD([w], op, num_eigs=4, refresh_every=10**6)
+    opt = AutoMrGD([w], op, num_eigs=4, refresh_every=10**6, stochastic=stochastic)
     if monkeypatch_noise_off:
         opt._learn_loss_noise = lambda restored: None
     gen = torch.Generator().manual_seed(0)
@@ -981,6 +981,203 @@ def test_guard_learns_the_spread_of_a_noisy_loss():
     # Without learning the spread, the same run backs off until it declares the closure broken.
     with pytest.raises(RuntimeError, match="closure"):
         _noisy_run(True, steps=3000)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stochastic closures (NOTE: [stochastic closure])
+
+
+def _minibatch_problem(seed: int = 0, n_samples: int = 400, batch: int = 20):
+    """Least squares on features with scales 1 / 0.1 / 0.01 (a multiscale Hessian): a closure per step on a fresh
+    minibatch, as a training loop builds it. Returns (w, op over the full data, make_closure, full loss)."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([1.0] * 4 + [0.1] * 4 + [0.01] * 4, dtype=torch.float64)
+    X = torch.randn(n_samples, scales.numel(), generator=gen, dtype=torch.float64) * scales
+    y = X @ torch.randn(scales.numel(), generator=gen, dtype=torch.float64) + 0.1 * torch.randn(
+        n_samples, generator=gen, dtype=torch.float64)
+    w = torch.zeros(scales.numel(), dtype=torch.float64, requires_grad=True)
+
+    def loss_on(plist, idx=None):
+        Xi, yi = (X, y) if idx is None else (X[idx], y[idx])
+        return 0.5 * torch.mean((Xi @ plist[0] - yi) ** 2)
+
+    op = HessianOperator.from_closure(loss_on, [w])
+    order = torch.Generator().manual_seed(seed + 1)
+
+    def make_closure(opt):
+        idx = torch.randperm(n_samples, generator=order)[:batch]
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_on([w], idx)
+            loss.backward()
+            return loss
+
+        return closure
+
+    return w, op, make_closure, lambda: float(loss_on([w]))
+
+
+def test_a_closure_on_a_fresh_minibatch_per_step_is_detected_as_stochastic():
+    # The second step evaluates its closure also at the first step's parameters: a new batch gives another loss
+    # there. One evaluation more, once.
+    w, op, make_closure, _ = _minibatch_problem()
+    opt = AutoMrGD([w], op, num_eigs=4)
+    calls = []
+
+    def counted(closure):
+        def wrapped():
+            calls.append(1)
+            return closure()
+        return wrapped
+
+    assert opt.stochastic is None
+    opt.step(counted(make_closure(opt)))
+    assert opt.stochastic is None and len(calls) == 1
+    opt.step(counted(make_closure(opt)))
+    assert opt.stochastic is True and len(calls) == 3
+    opt.step(counted(make_closure(opt)))
+    assert len(calls) == 4
+
+
+def test_a_deterministic_closure_is_detected_and_keeps_its_trajectory_bit_for_bit():
+    eigs = _spectrum()
+    runs = []
+    for stochastic in (None, False):
+        w, w_star, H, op, closure_for = _problem(eigs)
+        opt = AutoMrGD([w], op, num_eigs=4, stochastic=stochastic)
+        closure = closure_for(opt)
+        losses = [float(opt.step(closure)) for _ in range(30)]
+        assert opt.stochastic is False
+        runs.append((w.detach().clone(), losses))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+def test_stochastic_closure_trains_without_shrinking_its_rates_on_batch_noise():
+    # Batch losses of one interval differ by far more than loss_slack; judged as single losses they would read
+    # as rises and back off again and again (test_guard_learns_the_spread_of_a_noisy_loss). Judged as interval
+    # means, a few back-offs remain where the run reaches its noise floor (0.2-1% of the start; the momentum
+    # correlates successive losses, so the interval means spread a little more than their standard error says).
+    for seed in range(3):
+        w, op, make_closure, full_loss = _minibatch_problem(seed)
+        opt = AutoMrGD([w], op, num_eigs=4)
+        start = full_loss()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for _ in range(300):
+                opt.step(make_closure(opt))
+        assert opt.stochastic is True
+        assert sum(e["kind"] == "backoff" for e in opt.events) <= 2
+        assert opt.param_groups[0]["lr_scale"] >= 0.25 and not opt._safe_plan
+        assert full_loss() < 0.02 * start
+
+
+def test_stochastic_momentum_is_constant_and_survives_a_rising_batch_loss():
+    eigs = _spectrum()
+    w, w_star, H, op, _ = _problem(eigs)
+    opt = AutoMrGD([w], op, num_eigs=4, stochastic=True, refresh_every=10**6)
+    scripted = iter([1.0, 0.5, 0.9, 0.4, 0.8])
+
+    def closure():  # true gradients, batch-like losses that rise every other step
+        opt.zero_grad()
+        d = w - w_star
+        (0.5 * d @ (H @ d)).backward()
+        return torch.tensor(next(scripted), dtype=torch.float64)
+
+    for _ in range(4):
+        opt.step(closure)
+    buf = opt.state[w]["momentum_buffer"].clone()
+    direction = opt._direction[0].clone()
+    before = w.detach().clone()
+    opt.step(closure)  # the loss rose (0.4 -> 0.8): a deterministic closure would restart here
+    mu = mrgd_ext.optim.auto.STOCHASTIC_MOMENTUM
+    expected_buf = mu * buf - opt._direction[0]
+    assert torch.allclose(opt.state[w]["momentum_buffer"], expected_buf, rtol=1e-12, atol=0)
+    assert torch.allclose(w.detach(), before + opt._direction[0] - mu * expected_buf, rtol=1e-12, atol=1e-15)
+    assert not torch.equal(opt._direction[0], direction)
+
+
+def _scripted_stochastic(losses, **kwargs):
+    eigs = _spectrum()
+    w, w_star, H, op, _ = _problem(eigs)
+    opt = AutoMrGD([w], op, num_eigs=4, stochastic=True, refresh_every=10**6, **kwargs)
+    script = iter(losses)
+
+    def closure():
+        opt.zero_grad()
+        d = w - w_star
+        (0.5 * d @ (H @ d)).backward()
+        return torch.tensor(next(script), dtype=torch.float64)
+
+    return opt, closure
+
+
+def test_stochastic_guard_rolls_back_an_interval_whose_mean_rose():
+    # Interval 1 (steps 0-9) alternates 0.8 / 1.2 (mean 1.0, standard error 0.067); interval 2 has mean 1.5:
+    # 0.5 above, more than loss_slack (0.05) plus 3 sqrt(2) standard errors (0.28). Single losses of 1.2
+    # and 1.6 lie within the growth bound, so only the check point sees it.
+    noisy = [0.8, 1.2] * 5
+    opt, closure = _scripted_stochastic(noisy + [1.4, 1.6] * 5 + [1.5, 1.0], check_every=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(20):
+            opt.step(closure)
+    auto = opt.state["multirate_auto"]
+    assert auto["best_loss"] == pytest.approx(1.0)
+    assert auto["best_error"] == pytest.approx(math.sqrt(0.4 / 9 / 10))  # sample standard error of the mean
+    with pytest.warns(RuntimeWarning, match="mean loss of the last 10 steps rose to 1.5"):
+        opt.step(closure)
+    assert opt.events[-1]["kind"] == "backoff"
+    assert opt.param_groups[0]["lr_scale"] == pytest.approx(opt.backoff)  # halved, not the secant factor
+    # The rejected interval is neither the reference nor the best; the next interval starts with the
+    # loss at the restored point.
+    assert auto["best_loss"] == pytest.approx(1.0) and auto["ref_loss"] == pytest.approx(1.0)
+    assert auto["interval_count"] == 1 and auto["interval_sum"] == pytest.approx(1.0)
+
+
+def test_stochastic_guard_accepts_an_interval_within_its_noise():
+    # The same first interval, then one whose mean is 1.1: 0.1 above, inside 0.05 + 0.28.
+    opt, closure = _scripted_stochastic([0.8, 1.2] * 5 + [0.9, 1.3] * 5 + [1.0], check_every=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(21):
+            opt.step(closure)
+    assert opt.state["multirate_auto"]["ref_loss"] == pytest.approx(1.1)
+    assert opt.state["multirate_auto"]["best_loss"] == pytest.approx(1.0)
+
+
+def test_stochastic_guard_catches_a_blow_up_within_an_interval():
+    # One batch far beyond the growth bound times the last accepted interval mean is a blow-up, not noise.
+    opt, closure = _scripted_stochastic([1.0] * 12 + [1e4, 1.0], check_every=10)
+    for _ in range(12):
+        opt.step(closure)
+    with pytest.warns(RuntimeWarning, match=r"grew from 1 \(interval mean\) to 10000"):
+        opt.step(closure)
+    assert opt.events[-1]["kind"] == "backoff"
+
+
+def test_stochastic_state_survives_a_checkpoint():
+    w, op, make_closure, _ = _minibatch_problem()
+    opt = AutoMrGD([w], op, num_eigs=4)
+    for _ in range(15):
+        opt.step(make_closure(opt))
+    saved = copy.deepcopy(opt.state_dict())
+    w2, op2, _, _ = _minibatch_problem()
+    with torch.no_grad():
+        w2.copy_(w)
+    resumed = AutoMrGD([w2], op2, num_eigs=4)
+    resumed.load_state_dict(saved)
+    assert resumed.stochastic is True
+    a, b = opt.state["multirate_auto"], resumed.state["multirate_auto"]
+    for key in ("interval_sum", "interval_sumsq", "interval_count", "best_error", "best_loss"):
+        assert a[key] == b[key]
+
+
+def test_stochastic_must_be_a_bool_or_none():
+    eigs = _spectrum()
+    w, w_star, H, op, _ = _problem(eigs)
+    with pytest.raises(TypeError, match="stochastic must be True, False or None"):
+        AutoMrGD([w], op, stochastic=1)
 
 
 def _float32_run_with_rounding_noise(amplitude: float, steps: int = 600, refresh_every: int = 10**6):
