@@ -1053,6 +1053,28 @@ def test_a_deterministic_closure_is_detected_and_keeps_its_trajectory_bit_for_bi
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
 
 
+def test_detection_leaves_the_step_its_own_gradient_when_the_loop_zeroes_outside_the_closure():
+    # A loop that calls zero_grad() before step() and a closure that only accumulates: the detecting evaluation
+    # at the previous parameters must not add its gradient to the step's.
+    eigs = _spectrum()
+    runs = []
+    for stochastic in (None, False):
+        w, w_star, H, op, _ = _problem(eigs)
+        opt = AutoMrGD([w], op, num_eigs=4, stochastic=stochastic)
+
+        def accumulating():
+            d = w - w_star
+            loss = 0.5 * d @ (H @ d)
+            loss.backward()
+            return loss
+
+        for _ in range(5):
+            opt.zero_grad()
+            opt.step(accumulating)
+        runs.append(w.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_stochastic_closure_trains_without_shrinking_its_rates_on_batch_noise():
     # Batch losses of one interval differ by far more than loss_slack; judged as single losses they would read
     # as rises and back off again and again (test_guard_learns_the_spread_of_a_noisy_loss). Judged as interval

@@ -1073,6 +1073,10 @@ class AutoMrGD(MrGD):
             with torch.no_grad():
                 for p, q in zip(params, current):
                     p.copy_(q)
+            for p in params:
+                # The step's gradients are the next evaluation's alone, also for a closure that does not zero
+                # them itself (a loop that calls zero_grad() before step()).
+                p.grad = None
         resolution = _STOCHASTIC_RESOLUTION * auto.get("loss_floor", 0.0)
         stochastic = math.isfinite(again) and math.isfinite(previous_loss) and abs(again - previous_loss) > resolution
         auto["stochastic"] = bool(stochastic)
