@@ -66,9 +66,10 @@ With minibatch gradients every step also injects noise, and a large step multipl
 steps then have to damp; the plan's ``perturbation_amplification`` says by how much at most. The defaults
 are the conservative choice for that case: rates by the ``"safe"`` rule (``1/b``: each step non-expansive
 on its own group), a 10% margin on ``lambda_max`` and rollback on any loss increase beyond ``loss_slack``.
-With minibatches the loss seen by the check differs from batch to batch: pass a closure that evaluates a
-fixed batch for the check, or raise ``loss_slack`` above the batch-to-batch spread. Full-batch
-(deterministic) training may use ``rate_rule="optimal"``.
+With minibatches the loss seen by the check differs from batch to batch: a closure built on a fresh batch per
+step is detected and judged by interval means (NOTE: [stochastic closure]); a closure that steps on a minibatch
+but returns the loss of a fixed batch stays deterministic to the checks. Full-batch (deterministic) training
+may use ``rate_rule="optimal"``.
 
 NOTE: [stochastic closure]
 A training loop that builds each step's closure on a fresh minibatch (or a model with dropout) gives losses that
