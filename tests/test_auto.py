@@ -1178,6 +1178,50 @@ def test_stochastic_guard_catches_a_blow_up_within_an_interval():
     assert opt.events[-1]["kind"] == "backoff"
 
 
+def _flattening_run(stochastic: bool, factors: list[float]):
+    """A quadratic whose Hessian is scaled by ``factors[k]`` from the k-th refresh on (a lambda_max that
+    changes between measurements), refreshed every 10 steps; returns lr_scale after each refresh."""
+    eigs = _spectrum()
+    H, w_star = _quadratic(eigs)
+    w = torch.zeros(eigs.size, dtype=torch.float64, requires_grad=True)
+    scale = [1.0]
+
+    def loss_of(plist):
+        d = plist[0] - w_star
+        return 0.5 * scale[0] * (d @ (H @ d))
+
+    op = HessianOperator.from_closure(loss_of, [w])
+    opt = AutoMrGD([w], op, num_eigs=4, stochastic=stochastic, refresh_every=10, max_refresh_interval=10,
+                   check_every=10)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of([w])
+        loss.backward()
+        return loss
+
+    scales = []
+    for k, factor in enumerate(factors):
+        while opt.state["multirate_auto"]["step"] < 10 * (k + 1):
+            opt.step(closure)
+        scale[0] = factor  # the next step is a check point and refreshes
+        opt.step(closure)
+        assert opt.events[-1]["step"] == 10 * (k + 1) and opt.events[-1]["kind"] == "estimate"
+        scales.append(opt.param_groups[0]["lr_scale"])
+    return scales
+
+
+def test_a_refresh_raises_a_stochastic_closures_rates_at_most_twofold():
+    # lambda_max falls 100x, then 10x more: the stochastic closure's rates grow 2x per refresh (lr_scale 2/100,
+    # then 2/10 of that); a deterministic closure takes the new rates at once. (A lambda_max that grows again
+    # gives a shrink back through the scale recovery, tested with the back-offs.)
+    capped = _flattening_run(True, [1e-2, 1e-3])
+    free = _flattening_run(False, [1e-2, 1e-3])
+    assert capped[0] == pytest.approx(2e-2, rel=1e-2)
+    assert capped[1] == pytest.approx(4e-3, rel=1e-2)
+    assert free == [1.0, 1.0]
+
+
 def test_stochastic_state_survives_a_checkpoint():
     w, op, make_closure, _ = _minibatch_problem()
     opt = AutoMrGD([w], op, num_eigs=4)
