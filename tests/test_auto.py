@@ -1239,6 +1239,24 @@ def test_stochastic_state_survives_a_checkpoint():
         assert a[key] == b[key]
 
 
+def test_a_stochastic_closure_skips_the_gradient_history_watch():
+    # Minibatch gradient differences are mostly noise: the secant watch would re-measure for nothing.
+    eigs = _spectrum()
+    watched = []
+    for stochastic in (False, True):
+        w, w_star, H, op, closure_for = _problem(eigs)
+        opt = AutoMrGD([w], op, mode="temporal", density_order=eigs.size, max_groups=None, refresh_every=10**6,
+                       stochastic=stochastic)
+        assert opt.gradient_history
+        closure = closure_for(opt)
+        histories = 0
+        for _ in range(2 * opt.plan.cycle_length):
+            opt.step(closure)
+            histories += opt._history is not None
+        watched.append(histories)
+    assert watched[0] > 0 and watched[1] == 0
+
+
 def test_stochastic_must_be_a_bool_or_none():
     eigs = _spectrum()
     w, w_star, H, op, _ = _problem(eigs)

@@ -51,7 +51,8 @@ own history triggers an early one at zero HVP cost: each small step (rate at mos
 the secant Rayleigh quotient ``s^T (g_{k+1} - g_k) / s^T s`` of the Hessian along the step
 (:func:`mrgd_ext.curvature.history_ritz` in its one-step form); when it exceeds the planned top
 ``lambda_max_margin * lambda_max``, the curvature has grown past the plan and is re-measured at the next cycle
-end. Minibatch gradient differences carry noise: pass ``gradient_history=False`` there.
+end. A stochastic closure skips the watch: minibatch gradient differences carry noise (NOTE: [stochastic
+closure]).
 
 NOTE: [default mode]
 Subspace mode (Ritz rates, restarted Nesterov momentum on the preconditioned step) is the default: on the
@@ -381,7 +382,7 @@ class AutoMrGD(MrGD):
             doubles while refreshes find the same groups, up to ``max_refresh_interval`` steps (default 16
             ``refresh_every``; NOTE: [estimation cost]).
         gradient_history: temporal mode: watch the secant curvature of the small steps and re-measure early
-            when it exceeds the plan's ``lambda_max`` (full-batch closures; NOTE: [estimation cost]).
+            when it exceeds the plan's ``lambda_max`` (NOTE: [estimation cost]; skipped for a stochastic closure).
         lanczos_tol: relative residual tolerance of the Lanczos solve (default 1e-2; in subspace mode the
             measured residuals cap the base rate, so a loose basis costs speed, not stability: NOTE: [basis
             accuracy]). Subspace mode skips Lanczos's own verification (it measures the complement instead).
@@ -515,7 +516,7 @@ class AutoMrGD(MrGD):
         if rate_rule not in ("safe", "optimal"):
             raise ValueError(f"rate_rule must be 'safe' or 'optimal', got {rate_rule!r}")
         if stochastic is not None and not isinstance(stochastic, bool):
-            raise TypeError(f"stochastic must be True, False or None (detect at the first step), got {stochastic!r}")
+            raise TypeError(f"stochastic must be True, False or None (found out at the second step), got {stochastic!r}")
         self._stochastic_setting = stochastic
         self._noise_reference: tuple[list[torch.Tensor], float] | None = None  # (parameters, loss) of step 0
         self.hessian = hessian
@@ -1096,7 +1097,7 @@ class AutoMrGD(MrGD):
 
     @property
     def stochastic(self) -> bool | None:
-        """Whether the closure is treated as stochastic (None before the first step; NOTE: [stochastic closure])."""
+        """Whether the closure is treated as stochastic (None before the second step; NOTE: [stochastic closure])."""
         value = self.state[_AUTO_KEY].get("stochastic")
         return None if value is None else bool(value)
 
@@ -1369,7 +1370,7 @@ class AutoMrGD(MrGD):
             auto["interval_sum"] += value
             auto["interval_sumsq"] += value * value
             auto["interval_count"] += 1
-        if self.gradient_history:
+        if self.gradient_history and not stochastic:  # minibatch gradient differences are mostly noise
             self._watch_history()
         if self.acceleration is not None and self.subspace_enabled and not self._safe_plan:
             self._accelerated_step(_as_float(loss))
