@@ -1168,6 +1168,22 @@ def test_stochastic_guard_accepts_an_interval_within_its_noise():
     assert opt.state["multirate_auto"]["best_loss"] == pytest.approx(1.0)
 
 
+def test_stochastic_guard_re_baselines_after_repeated_back_offs():
+    # An accepted interval may end where the loss has already risen; from that restored point no interval can get
+    # back under the old best. After max_backoffs + 1 violations in a row (the safe schedule) the restored point's
+    # own intervals set the reference: 3 back-offs, not one at every check point.
+    script = [0.9, 1.1] * 5 + [1.9, 2.1] * 200
+    opt, closure = _scripted_stochastic(script, check_every=10, max_backoffs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(100):
+            opt.step(closure)
+    backoffs = [e["step"] for e in opt.events if e["kind"] == "backoff"]
+    assert backoffs == [20, 30, 40]
+    assert opt._safe_plan and opt.param_groups[0]["lr_scale"] == 1.0  # doubled back after the passed checks
+    assert opt.state["multirate_auto"]["best_loss"] == pytest.approx(2.0)
+
+
 def test_stochastic_guard_catches_a_blow_up_within_an_interval():
     # One batch far beyond the growth bound times the last accepted interval mean is a blow-up, not noise.
     opt, closure = _scripted_stochastic([1.0] * 12 + [1e4, 1.0], check_every=10)
