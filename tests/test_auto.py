@@ -1062,7 +1062,7 @@ def test_detection_leaves_the_step_its_own_gradient_when_the_loop_zeroes_outside
         w, w_star, H, op, _ = _problem(eigs)
         opt = AutoMrGD([w], op, num_eigs=4, stochastic=stochastic)
 
-        def accumulating():
+        def accumulating(w=w, w_star=w_star, H=H):
             d = w - w_star
             loss = 0.5 * d @ (H @ d)
             loss.backward()

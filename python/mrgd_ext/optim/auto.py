@@ -521,7 +521,8 @@ class AutoMrGD(MrGD):
         if rate_rule not in ("safe", "optimal"):
             raise ValueError(f"rate_rule must be 'safe' or 'optimal', got {rate_rule!r}")
         if stochastic is not None and not isinstance(stochastic, bool):
-            raise TypeError(f"stochastic must be True, False or None (found out at the second step), got {stochastic!r}")
+            raise TypeError(
+                f"stochastic must be True, False or None (found out at the second step), got {stochastic!r}")
         self._stochastic_setting = stochastic
         self._noise_reference: tuple[list[torch.Tensor], float] | None = None  # (parameters, loss) of step 0
         self.hessian = hessian
