@@ -1094,31 +1094,6 @@ def test_stochastic_closure_trains_without_shrinking_its_rates_on_batch_noise():
         assert full_loss() < 0.02 * start
 
 
-def test_stochastic_momentum_is_constant_and_survives_a_rising_batch_loss():
-    eigs = _spectrum()
-    w, w_star, H, op, _ = _problem(eigs)
-    opt = AutoMrGD([w], op, num_eigs=4, stochastic=True, refresh_every=10**6)
-    scripted = iter([1.0, 0.5, 0.9, 0.4, 0.8])
-
-    def closure():  # true gradients, batch-like losses that rise every other step
-        opt.zero_grad()
-        d = w - w_star
-        (0.5 * d @ (H @ d)).backward()
-        return torch.tensor(next(scripted), dtype=torch.float64)
-
-    for _ in range(4):
-        opt.step(closure)
-    buf = opt.state[w]["momentum_buffer"].clone()
-    direction = opt._direction[0].clone()
-    before = w.detach().clone()
-    opt.step(closure)  # the loss rose (0.4 -> 0.8): a deterministic closure would restart here
-    mu = mrgd_ext.optim.auto.STOCHASTIC_MOMENTUM
-    expected_buf = mu * buf - opt._direction[0]
-    assert torch.allclose(opt.state[w]["momentum_buffer"], expected_buf, rtol=1e-12, atol=0)
-    assert torch.allclose(w.detach(), before + opt._direction[0] - mu * expected_buf, rtol=1e-12, atol=1e-15)
-    assert not torch.equal(opt._direction[0], direction)
-
-
 def _scripted_stochastic(losses, **kwargs):
     eigs = _spectrum()
     w, w_star, H, op, _ = _problem(eigs)
@@ -1132,6 +1107,22 @@ def _scripted_stochastic(losses, **kwargs):
         return torch.tensor(next(script), dtype=torch.float64)
 
     return opt, closure
+
+
+def test_stochastic_momentum_is_constant_and_survives_a_rising_batch_loss():
+    opt, closure = _scripted_stochastic([1.0, 0.5, 0.9, 0.4, 0.8])  # batch-like losses rising every other step
+    w = opt.param_groups[0]["params"][0]
+    for _ in range(4):
+        opt.step(closure)
+    buf = opt.state[w]["momentum_buffer"].clone()
+    direction = opt._direction[0].clone()
+    before = w.detach().clone()
+    opt.step(closure)  # the loss rose (0.4 -> 0.8): a deterministic closure would restart here
+    mu = mrgd_ext.optim.auto.STOCHASTIC_MOMENTUM
+    expected_buf = mu * buf - opt._direction[0]
+    assert torch.allclose(opt.state[w]["momentum_buffer"], expected_buf, rtol=1e-12, atol=0)
+    assert torch.allclose(w.detach(), before + opt._direction[0] - mu * expected_buf, rtol=1e-12, atol=1e-15)
+    assert not torch.equal(opt._direction[0], direction)
 
 
 def test_stochastic_guard_rolls_back_an_interval_whose_mean_rose():
