@@ -404,7 +404,7 @@ class AutoMrGD(MrGD):
             (``1 / (lambda_max_margin theta)`` by the safe rule): a preconditioner on the basis;
             ``"group"`` -- each takes its measured group's rate (docs/design.md 1.4; needs the SLQ density).
         acceleration: ``"nesterov"`` (default) -- subspace mode adds restarted Nesterov momentum to the
-            preconditioned step (NOTE: [accelerated subspace step]; two more parameter-sized buffers); ``None``
+            preconditioned step (NOTE: [accelerated subspace step]; one more parameter-sized buffer); ``None``
             -- plain subspace steps. Temporal mode ignores it (its cycle is its acceleration).
         warm_start: start each re-measurement's Lanczos from the previous Ritz vectors.
         tol, strategy, rate_rule, lambda_max_margin: how to plan, see
@@ -551,7 +551,6 @@ class AutoMrGD(MrGD):
         if acceleration not in ACCELERATIONS:
             raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
         self.acceleration = acceleration if mode == "subspace" else None
-        self._direction: list[torch.Tensor] | None = None  # scratch for the accelerated step's -P g
         self.seed = int(seed)
         self._measure_kwargs: _MeasureKwargs = {
             "num_eigs": check_count(num_eigs, "num_eigs", 0),
@@ -855,8 +854,9 @@ class AutoMrGD(MrGD):
         # with the function restart of O'Donoghue and Candes (2015): k and v return to 0 whenever the loss
         # rises, which keeps the accelerated rate without knowing lambda_min and stops momentum from carrying
         # the iterate uphill on nonconvex losses. On a Ritz direction with P H = 1 the look-ahead gradient step
-        # is exact, so momentum costs the resolved groups nothing. Two extra vectors of the parameters' size
-        # (the momentum and the step); measured on benchmarks/bench_training.py.
+        # is exact, so momentum costs the resolved groups nothing. One extra vector of the parameters' size (the
+        # momentum; the step P g is never stored: NOTE: [momentum subspace step]); measured on
+        # benchmarks/bench_training.py.
         auto = self.state[_AUTO_KEY]
         group = self.param_groups[0]
         params = group["params"]
@@ -875,8 +875,6 @@ class AutoMrGD(MrGD):
             mu = k / (k + 3.0)
         auto["momentum_steps"] = k + 1
         auto["previous_loss"] = loss
-        if self._direction is None or any(d.shape != p.shape for d, p in zip(self._direction, params)):
-            self._direction = [torch.empty_like(p) for p in params]
         bufs = []
         for p in params:
             st = self.state[p]
@@ -884,11 +882,7 @@ class AutoMrGD(MrGD):
                 st["momentum_buffer"] = torch.zeros_like(p)
             bufs.append(st["momentum_buffer"])
         with torch.no_grad():
-            self._subspace_step(None, out=self._direction)  # direction = -P g
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_sub_(bufs, self._direction)  # v = mu v + P g
-            torch._foreach_add_(params, self._direction)
-            torch._foreach_add_(params, bufs, alpha=-mu)  # x = x - P g - mu v
+            self._subspace_step(None, momentum=(bufs, mu))  # v = mu v + P g, x = x - P g - mu v
 
     # ----------------------------------------------------------------------------------------------
     # State
