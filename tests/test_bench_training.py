@@ -83,11 +83,19 @@ def test_every_method_ran_with_a_finite_curve(tiny_result):
 def test_target_verdicts_follow_from_the_numbers(tiny_result):
     _, payload, _ = tiny_result
     checks = payload["checks"]
+    default = bench_training.DEFAULT_METHOD
+    assert default in bench_training.AUTO_METHODS and bench_training.AUTO_ARGUMENTS[default] == {"mode": "subspace"}
     for name, c in checks["per_problem"].items():
+        # The verdict is the defaults' alone; every variant is checked beside it.
         assert c["pass"] == all(i["pass"] for i in c["items"])
+        assert all(i["what"].startswith(f"{default}: ") for i in c["items"])
+        variants = {i["what"].split(":")[0] for i in c["variants"]}
+        assert variants == set(bench_training.AUTO_METHODS) - {default}
         res = payload["problems"][name]
-        never = all(r["status"] == "ok" for r in res["runs"] if r["method"] in bench_training.AUTO_METHODS)
+        never = all(r["status"] == "ok" for r in res["runs"] if r["method"] == default)
         assert c["items"][0]["pass"] == never
+        share = next(i for i in c["items"] if "estimation" in i["what"])
+        assert share["pass"] == (res["summary"][default]["estimation_share"] <= bench_training.ESTIMATION_SHARE)
     assert checks["pass"] == all(c["pass"] for c in checks["per_problem"].values())
 
 
