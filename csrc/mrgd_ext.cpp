@@ -28,6 +28,12 @@ TORCH_LIBRARY(mrgd_ext, m) {
   m.def(
       "subspace_step_(Tensor(a!)[] params, Tensor[] grads, Tensor basis, Tensor coeffs, float lr, "
       "float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Pass 2 in the momentum form (AutoMrGD's accelerated step): d = lr * geff + U^T-weighted correction,
+  // momentum_buffers <- momentum * momentum_buffers + d, params <- params - d - momentum * momentum_buffers.
+  m.def(
+      "subspace_momentum_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor basis, "
+      "Tensor coeffs, float lr, float momentum, float weight_decay, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   // Lanczos: `rounds` rounds of classical Gram-Schmidt of the rows of `vectors` [b, n] against the
   // orthonormal rows of `basis` [m, n], in place, plus the Gram matrix of the result and the squared norms of
   // the input rows, in as few passes over n as the data dependencies allow (csrc/include/mrgd_ext/lanczos.h).
@@ -39,6 +45,7 @@ TORCH_LIBRARY(mrgd_ext, m) {
 TORCH_LIBRARY_IMPL(mrgd_ext, CPU, m) {
   m.impl("subspace_project", &mrgd_ext::subspace_project_cpu);
   m.impl("subspace_step_", &mrgd_ext::subspace_step_cpu);
+  m.impl("subspace_momentum_step_", &mrgd_ext::subspace_momentum_step_cpu);
   m.impl("block_orthogonalize_", &mrgd_ext::block_orthogonalize_cpu);
 }
 

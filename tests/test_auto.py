@@ -916,7 +916,7 @@ def test_accelerated_step_restarts_when_the_loss_rises():
 def test_accelerated_step_matches_the_closed_form(fused, weight_decay, maximize):
     # v <- mu v + P geff, x <- x - P geff - mu v with geff = +-g + wd x and
     # P geff = base geff + U^T ((scale rates - base) * (U geff)), checked against float64 torch arithmetic
-    # (fused kernel and torch composition alike; NOTE: [momentum subspace step]).
+    # (fused kernel and torch composition alike; NOTE: [momentum subspace update]).
     if fused and not mrgd_ext.ops.has_kernel("cpu"):
         pytest.skip("no CPU kernels in this build")
     eigs = _spectrum()

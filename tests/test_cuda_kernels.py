@@ -30,6 +30,7 @@ DEVICE = torch.device("cuda", 0)
 step_op = torch.ops.mrgd_ext.multirate_step_
 project_op = torch.ops.mrgd_ext.subspace_project
 subspace_step_op = torch.ops.mrgd_ext.subspace_step_
+momentum_step_op = torch.ops.mrgd_ext.subspace_momentum_step_
 
 _rng = torch.Generator().manual_seed(1234)
 # Tensor-size lists. The CUDA kernels take 16 Ki (step) and 8 Ki (subspace) element chunks per block and pack
@@ -368,6 +369,59 @@ def test_subspace_step_cuda_found_inf_skips_and_empty_list():
     subspace_step_op([], [], torch.empty(3, 0, device=DEVICE), torch.ones(3, device=DEVICE), 0.1, 0.0, False)
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("basis_dtype", BASIS_DTYPES)
+@pytest.mark.parametrize("sizes", ["zero", "odd", "chunky", "many", "lots"])
+@pytest.mark.parametrize("r", [1, 4, 33])
+def test_subspace_momentum_step_cuda_matches_cpu_and_truth(dtype, basis_dtype, sizes, r):
+    params, grads = make_lists(SIZE_LISTS[sizes], dtype)
+    buffers, _ = make_lists(SIZE_LISTS[sizes], dtype, seed=1)
+    n = sum(p.numel() for p in params)
+    basis = torch.randn(r, n).to(basis_dtype)
+    coeff_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    coeffs = torch.randn(r, dtype=coeff_dtype) * 1e-2
+    lr, mu, wd, scale, maximize = 0.2, 0.9, 0.01, 16.0, True
+    grads = [(g.float() * scale).to(dtype) for g in grads]
+    cpu_p, cpu_v = [p.clone() for p in params], [v.clone() for v in buffers]
+    momentum_step_op(cpu_p, grads, cpu_v, basis, coeffs, lr, mu, wd, maximize, torch.tensor([scale]), torch.zeros(1))
+    dp, dg = device_lists(params, grads, "mixed")
+    dv, _ = device_lists(buffers, buffers, "offset1")
+    momentum_step_op(dp, dg, dv, basis.to(DEVICE), coeffs.to(DEVICE), lr, mu, wd, maximize, cuda_scalar(scale),
+                     cuda_scalar(0.0))
+    assert_bitwise(dp, cpu_p, "subspace_momentum_step_ params")
+    assert_bitwise(dv, cpu_v, "subspace_momentum_step_ buffers")
+
+    correction = coeffs.double() @ basis.double() if n else torch.zeros(0, dtype=torch.float64)
+    correction_abs = coeffs.double().abs() @ basis.double().abs() if n else torch.zeros(0, dtype=torch.float64)
+    u, uc = UNIT_ROUNDOFF[dtype], COMPUTE_ROUNDOFF[dtype]
+    fp, fg, fv = flat64(params), -flat64(grads) / scale, flat64(buffers)
+    d = lr * (fg + wd * fp) + correction
+    v_truth = mu * fv + d
+    p_truth = fp - d - mu * v_truth
+    # As the CPU kernel test (tests/test_kernels.py): a few compute-precision roundings on the magnitudes
+    # below and one rounding to storage.
+    d_mag = lr * (fg.abs() + wd * fp.abs()) + (r + 2) * correction_abs
+    v_mag = mu * fv.abs() + d_mag
+    p_mag = fp.abs() + d_mag + 2 * mu * v_mag
+    assert_within(torch.cat([v.cpu().reshape(-1) for v in dv]), v_truth,
+                  1.01 * u * v_truth.abs() + 4 * uc * v_mag + 1e-300, "CUDA momentum buffers vs truth")
+    assert_within(torch.cat([p.cpu().reshape(-1) for p in dp]), p_truth,
+                  1.01 * u * p_truth.abs() + 4 * uc * p_mag + 1e-300, "CUDA momentum step vs truth")
+
+
+def test_subspace_momentum_step_cuda_found_inf_skips_and_empty_list():
+    params, grads = make_lists([9, 4, 9000], torch.float32)
+    buffers, _ = make_lists([9, 4, 9000], torch.float32, seed=1)
+    dp, dg = device_lists(params, grads, "aligned")
+    dv, _ = device_lists(buffers, buffers, "aligned")
+    before = [t.clone() for t in dp + dv]
+    basis, coeffs = torch.randn(2, 9013, device=DEVICE), torch.ones(2, device=DEVICE)
+    found_inf = cuda_scalar(1.0)
+    momentum_step_op(dp, dg, dv, basis, coeffs, 0.1, 0.9, 0.0, False, None, found_inf)
+    assert all(torch.equal(t, b) for t, b in zip(dp + dv, before))
+    momentum_step_op([], [], [], torch.empty(3, 0, device=DEVICE), torch.ones(3, device=DEVICE), 0.1, 0.9, 0.0, False)
+
+
 def test_subspace_ops_cuda_reject_operands_on_another_device():
     params, grads = make_lists([5], torch.float32)
     dp, dg = device_lists(params, grads, "aligned")
@@ -413,6 +467,8 @@ def test_opcheck_cuda():
     torch.library.opcheck(project_op.default, (dp, dg, basis.double(), 0.1, True, cuda_scalar(2.0)))
     coeffs = torch.randn(4, device=DEVICE)
     torch.library.opcheck(subspace_step_op.default, (dp, dg, basis, coeffs, 0.1, 0.0, False, None, None))
+    dv = [torch.zeros_like(p) for p in dp]
+    torch.library.opcheck(momentum_step_op.default, (dp, dg, dv, basis, coeffs, 0.1, 0.9, 0.01, True, None, None))
     torch.library.opcheck(
         subspace_step_op.default, (dp, dg, basis, coeffs, 0.1, 0.01, True, cuda_scalar(2.0), cuda_scalar(0.0))
     )

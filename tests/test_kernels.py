@@ -191,6 +191,111 @@ def test_subspace_step_matches_reference_and_truth(dtype, basis_dtype, sizes, r)
         offset += m
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("basis_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("sizes", ["empty", "zero", "one", "odd", "chunky", "many"])
+@pytest.mark.parametrize("r", [1, 5])
+@pytest.mark.parametrize("maximize,wd,scale", [(False, 0.0, None), (True, 0.03, 8.0)])
+def test_subspace_momentum_step_matches_reference_and_truth(dtype, basis_dtype, sizes, r, maximize, wd, scale):
+    # d = lr geff + U^T coeffs; v <- mu v + d; p <- p - d - mu v (NOTE: [momentum subspace update]).
+    params, grads = make_lists(SIZE_LISTS[sizes], dtype)
+    buffers, _ = make_lists(SIZE_LISTS[sizes], dtype)
+    n = sum(p.numel() for p in params)
+    basis = torch.randn(r, n).to(basis_dtype)
+    coeff_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    coeffs = torch.randn(r, dtype=coeff_dtype) * 1e-2
+    if scale is not None:
+        grads = [g * scale for g in grads]
+    grad_scale = torch.tensor([scale]) if scale is not None else None
+    lr, mu = 0.2, 0.9
+    kernel_p, kernel_v = [p.clone() for p in params], [v.clone() for v in buffers]
+    ref_p, ref_v = [p.clone() for p in params], [v.clone() for v in buffers]
+    kw = dict(weight_decay=wd, maximize=maximize, grad_scale=grad_scale)
+    _ops.subspace_momentum_step_(kernel_p, grads, kernel_v, basis, coeffs, lr, mu, **kw)
+    ref.subspace_momentum_step(ref_p, grads, ref_v, basis, coeffs, lr, mu, **kw)
+    correction = coeffs.double() @ basis.double() if n else torch.zeros(0, dtype=torch.float64)
+    correction_abs = coeffs.double().abs() @ basis.double().abs() if n else torch.zeros(0, dtype=torch.float64)
+    u, uc = UNIT_ROUNDOFF[dtype], COMPUTE_ROUNDOFF[dtype]
+    sign, gs = (-1.0 if maximize else 1.0), (scale or 1.0)
+    offset = 0
+    for i, (p, g, v) in enumerate(zip(params, grads, buffers)):
+        m = p.numel()
+        pd, gd, vd = p.double().reshape(-1), g.double().reshape(-1), v.double().reshape(-1)
+        corr = correction[offset : offset + m]
+        d = lr * (sign * gd / gs + wd * pd) + corr
+        v_truth = mu * vd + d
+        p_truth = pd - d - mu * v_truth
+        # Each result is a handful of operations in the compute precision (u_c each, on terms up to the
+        # magnitudes below; the correction sums r products) and one rounding to storage (u): 4 u_c of the
+        # magnitude plus 1.01 u of the value bounds them with margin, and catches any wrong term (O(1)).
+        d_mag = lr * (gd.abs() / gs + wd * pd.abs()) + (r + 2) * correction_abs[offset : offset + m]
+        v_mag = mu * vd.abs() + d_mag
+        p_mag = pd.abs() + d_mag + 2 * mu * v_mag
+        for what, (kp, kv) in {"kernel": (kernel_p[i], kernel_v[i]), "reference": (ref_p[i], ref_v[i])}.items():
+            assert_within(kv.reshape(-1), v_truth, 1.01 * u * v_truth.abs() + 4 * uc * v_mag + 1e-300,
+                          f"{what} buffer {i}")
+            assert_within(kp.reshape(-1), p_truth, 1.01 * u * p_truth.abs() + 4 * uc * p_mag + 1e-300,
+                          f"{what} tensor {i}")
+        offset += m
+
+
+def test_subspace_momentum_step_equals_its_composition():
+    # The fused pass and the composition it replaces (scale v; v += P g and p -= P g with the update kernel;
+    # p -= mu v) agree to rounding, float64.
+    params, grads = make_lists([65537, 7, 1], torch.float64)
+    buffers, _ = make_lists([65537, 7, 1], torch.float64)
+    basis = torch.randn(4, 65545, dtype=torch.float64)
+    coeffs = torch.randn(4, dtype=torch.float64) * 1e-2
+    lr, mu, wd = 0.3, 0.8, 0.01
+    fused_p, fused_v = [p.clone() for p in params], [v.clone() for v in buffers]
+    comp_p, comp_v = [p.clone() for p in params], [v.clone() for v in buffers]
+    _ops.subspace_momentum_step_(fused_p, grads, fused_v, basis, coeffs, lr, mu)
+    torch._foreach_mul_(comp_v, mu)
+    _ops.subspace_step_(comp_v, grads, basis, -coeffs, -lr)
+    _ops.subspace_step_(comp_p, grads, basis, coeffs, lr)
+    torch._foreach_add_(comp_p, comp_v, alpha=-mu)
+    for a, b in zip(fused_p + fused_v, comp_p + comp_v):
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)
+    # weight decay reads the parameters before the step: the fused pass takes it on geff for both updates
+    p1, v1 = [p.clone() for p in params], [v.clone() for v in buffers]
+    _ops.subspace_momentum_step_(p1, grads, v1, basis, coeffs, lr, mu, weight_decay=wd)
+    geff = [g + wd * p for g, p in zip(grads, params)]
+    p2, v2 = [p.clone() for p in params], [v.clone() for v in buffers]
+    _ops.subspace_momentum_step_(p2, geff, v2, basis, coeffs, lr, mu)
+    for a, b in zip(p1 + v1, p2 + v2):
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_subspace_momentum_step_found_inf_skips_and_bad_input_writes_nothing():
+    params, grads = make_lists([9, 4], torch.float32)
+    buffers, _ = make_lists([9, 4], torch.float32)
+    basis, coeffs = torch.randn(2, 13), torch.ones(2)
+    everything = params + buffers
+    before = [t.clone() for t in everything]
+    _ops.subspace_momentum_step_(params, grads, buffers, basis, coeffs, 0.1, 0.9, found_inf=torch.tensor([1.0]))
+    assert all(torch.equal(t, b) for t, b in zip(everything, before))
+    step = _ops.subspace_momentum_step_
+    _assert_untouched(lambda: step(params, grads, buffers[:1], basis, coeffs, 0.1, 0.9), everything, ValueError,
+                      "momentum_buffers must have one tensor per parameter")
+    _assert_untouched(lambda: step(params, grads, [buffers[0], torch.zeros(5)], basis, coeffs, 0.1, 0.9), everything,
+                      ValueError, r"momentum_buffers\[1\] must be a torch.float32 tensor of shape \(4,\)")
+    _assert_untouched(lambda: step(params, grads, [buffers[0], buffers[1].double()], basis, coeffs, 0.1, 0.9),
+                      everything, ValueError, r"momentum_buffers\[1\]")
+    _assert_untouched(lambda: step(params, grads, [buffers[0], params[1]], basis, coeffs, 0.1, 0.9), everything,
+                      ValueError, "shares memory")
+    nc = torch.randn(2, 2).t()
+    _assert_untouched(lambda: step([params[1].reshape(2, 2)], [grads[1].reshape(2, 2)], [nc], torch.randn(2, 4),
+                                   coeffs, 0.1, 0.9), everything, ValueError, "not contiguous")
+    _assert_untouched(lambda: step(params, grads, buffers, basis, coeffs, 0.1, float("nan")), everything, ValueError,
+                      "momentum")
+    _assert_untouched(lambda: step(params, grads, buffers, basis, torch.ones(3), 0.1, 0.9), everything, ValueError,
+                      "coeffs")
+    # The C++ checks behind a direct op call
+    _assert_untouched(lambda: torch.ops.mrgd_ext.subspace_momentum_step_(params, grads, buffers[:1], basis, coeffs,
+                                                                         0.1, 0.9, 0.0, False),
+                      everything, RuntimeError, "momentum_buffers")
+
+
 def test_subspace_step_found_inf_skips():
     params, grads = make_lists([9, 4], torch.float32)
     before = [p.clone() for p in params]

@@ -226,16 +226,13 @@ void project_chunk(const void* p_, const void* g_, int64_t len, const void* U_, 
   }
 }
 
+// The correction sum_k U[k, i] w[k] of one chunk into corr (summed from k = 0 upwards in the arithmetic type).
 template <int Kind, int BKind>
-void subspace_step_chunk(void* p_, const void* g_, int64_t len, const void* U_, int64_t ld, int64_t r,
-                         const double* w, double lr, double weight_decay, double factor, void* scratch) {
-  using S = Storage<Kind>;
+void chunk_correction(int64_t len, const void* U_, int64_t ld, int64_t r, const double* w,
+                      typename Storage<Kind>::acc* __restrict corr) {
   using B = Basis<BKind>;
-  using acc = typename S::acc;
-  auto* __restrict p = static_cast<typename S::raw*>(p_);
-  const auto* __restrict g = static_cast<const typename S::raw*>(g_);
+  using acc = typename Storage<Kind>::acc;
   const auto* U = static_cast<const typename B::raw*>(U_);
-  acc* __restrict corr = static_cast<acc*>(scratch);
   for (int64_t i = 0; i < len; ++i) corr[i] = 0;
   for (int64_t k = 0; k < r; ++k) {
     const auto* __restrict u = U + k * ld;
@@ -243,12 +240,48 @@ void subspace_step_chunk(void* p_, const void* g_, int64_t len, const void* U_, 
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) corr[i] += static_cast<acc>(B::load(u[i])) * wk;
   }
+}
+
+template <int Kind, int BKind>
+void subspace_step_chunk(void* p_, const void* g_, int64_t len, const void* U_, int64_t ld, int64_t r,
+                         const double* w, double lr, double weight_decay, double factor, void* scratch) {
+  using S = Storage<Kind>;
+  using acc = typename S::acc;
+  auto* __restrict p = static_cast<typename S::raw*>(p_);
+  const auto* __restrict g = static_cast<const typename S::raw*>(g_);
+  acc* __restrict corr = static_cast<acc*>(scratch);
+  chunk_correction<Kind, BKind>(len, U_, ld, r, w, corr);
   const acc lr_a = static_cast<acc>(lr), wd_a = static_cast<acc>(weight_decay), f_a = static_cast<acc>(factor);
   const auto update = [&](auto decay) {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       p[i] = S::store(
           subspace_update<acc, decltype(decay)::value>(S::load(p[i]), S::load(g[i]), corr[i], lr_a, wd_a, f_a));
+    }
+  };
+  decays(weight_decay) ? update(std::true_type{}) : update(std::false_type{});
+}
+
+template <int Kind, int BKind>
+void subspace_momentum_chunk(void* p_, void* v_, const void* g_, int64_t len, const void* U_, int64_t ld, int64_t r,
+                             const double* w, double lr, double momentum, double weight_decay, double factor,
+                             void* scratch) {
+  using S = Storage<Kind>;
+  using acc = typename S::acc;
+  auto* __restrict p = static_cast<typename S::raw*>(p_);
+  auto* __restrict v = static_cast<typename S::raw*>(v_);
+  const auto* __restrict g = static_cast<const typename S::raw*>(g_);
+  acc* __restrict corr = static_cast<acc*>(scratch);
+  chunk_correction<Kind, BKind>(len, U_, ld, r, w, corr);
+  const acc lr_a = static_cast<acc>(lr), mu_a = static_cast<acc>(momentum), wd_a = static_cast<acc>(weight_decay),
+            f_a = static_cast<acc>(factor);
+  const auto update = [&](auto decay) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      acc pi = S::load(p[i]), vi = S::load(v[i]);
+      subspace_momentum_update<acc, decltype(decay)::value>(pi, vi, S::load(g[i]), corr[i], lr_a, mu_a, wd_a, f_a);
+      v[i] = S::store(vi);
+      p[i] = S::store(pi);
     }
   };
   decays(weight_decay) ? update(std::true_type{}) : update(std::false_type{});
@@ -265,6 +298,9 @@ constexpr void fill_row(KernelTable& t) {
   t.subspace_step[Kind][kBasisF32] = &subspace_step_chunk<Kind, kBasisF32>;
   t.subspace_step[Kind][kBasisBF16] = &subspace_step_chunk<Kind, kBasisBF16>;
   t.subspace_step[Kind][kBasisF64] = &subspace_step_chunk<Kind, kBasisF64>;
+  t.subspace_momentum_step[Kind][kBasisF32] = &subspace_momentum_chunk<Kind, kBasisF32>;
+  t.subspace_momentum_step[Kind][kBasisBF16] = &subspace_momentum_chunk<Kind, kBasisBF16>;
+  t.subspace_momentum_step[Kind][kBasisF64] = &subspace_momentum_chunk<Kind, kBasisF64>;
 }
 
 constexpr KernelTable make_table() {

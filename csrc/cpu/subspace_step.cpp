@@ -67,6 +67,38 @@ at::Tensor subspace_project_cpu(at::TensorList params, at::TensorList grads, con
   return out.to(coefficient_dtype(dtype));
 }
 
+namespace {
+
+// The argument checks both update passes (plain and momentum form) share, after their tensor lists'.
+void check_update_args(at::TensorList params, const at::Tensor& basis, const at::Tensor& coeffs,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const at::Device device = params[0].device();
+  check_basis(basis, total_numel(params), device);
+  check_coeffs(coeffs, basis.size(0), params[0].scalar_type(), device);
+  check_scalar_flag(grad_scale, "grad_scale", device);
+  check_scalar_flag(found_inf, "found_inf", device);
+}
+
+// The chunked, threaded loop of both update passes: `update(chunk, w, factor, scratch)` updates one chunk, given
+// the coefficients widened to double and the gradient factor. Writes nothing when found_inf is non-zero.
+template <typename Update>
+void run_update(at::TensorList params, const at::Tensor& basis, const at::Tensor& coeffs, bool maximize,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                Update&& update) {
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
+  const double factor = cpu::host_gradient_factor(params[0].scalar_type(), maximize, grad_scale);
+  const at::Tensor w = coeffs.to(at::kDouble).contiguous();  // exact widening of float32 coefficients
+  const double* w_ptr = w.data_ptr<double>();
+  const auto chunks = cpu::split_into_chunks(params, kSubspaceChunk);
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  at::parallel_for(0, num_chunks, grain_for(basis.size(1), basis.size(0), num_chunks), [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(kSubspaceChunk);
+    for (int64_t c = begin; c < end; ++c) update(chunks[c], w_ptr, factor, scratch.data());
+  });
+}
+
+}  // namespace
+
 void subspace_step_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& basis,
                        const at::Tensor& coeffs, double lr, double weight_decay, bool maximize,
                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
@@ -74,35 +106,49 @@ void subspace_step_cpu(at::TensorList params, at::TensorList grads, const at::Te
   check_finite_scalar(weight_decay, "weight_decay");
   check_param_grad_lists(params, grads);
   if (params.empty()) return;
-  const at::Device device = params[0].device();
-  check_basis(basis, total_numel(params), device);
-  const at::ScalarType dtype = params[0].scalar_type();
-  check_coeffs(coeffs, basis.size(0), dtype, device);
-  check_scalar_flag(grad_scale, "grad_scale", device);
-  check_scalar_flag(found_inf, "found_inf", device);
-  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
-  const double factor = cpu::host_gradient_factor(dtype, maximize, grad_scale);
-  const cpu::SubspaceStepChunkFn fn =
-      cpu::kernel_table().subspace_step[cpu::storage_kind(dtype)][cpu::basis_kind(basis.scalar_type())];
-  const int64_t r = basis.size(0);
-  const int64_t n_total = basis.size(1);
-  const at::Tensor w = coeffs.to(at::kDouble).contiguous();  // exact widening of float32 coefficients
-  const double* w_ptr = w.data_ptr<double>();
-  const auto chunks = cpu::split_into_chunks(params, kSubspaceChunk);
+  check_update_args(params, basis, coeffs, grad_scale, found_inf);
+  const cpu::SubspaceStepChunkFn fn = cpu::kernel_table().subspace_step[cpu::storage_kind(params[0].scalar_type())]
+                                                                       [cpu::basis_kind(basis.scalar_type())];
   const auto p_ptrs = cpu::data_pointers<char>(params);
   const auto g_ptrs = cpu::data_pointers<const char>(grads);
   const char* U = static_cast<const char*>(basis.data_ptr());  // [r, n_total]
-  const int64_t elem = params[0].element_size();
-  const int64_t basis_elem = basis.element_size();
-  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
-  at::parallel_for(0, num_chunks, grain_for(n_total, r, num_chunks), [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch(kSubspaceChunk);
-    for (int64_t c = begin; c < end; ++c) {
-      const cpu::Chunk& ch = chunks[c];
-      fn(p_ptrs[ch.tensor] + ch.begin * elem, g_ptrs[ch.tensor] + ch.begin * elem, ch.end - ch.begin,
-         U + (ch.flat_offset + ch.begin) * basis_elem, n_total, r, w_ptr, lr, weight_decay, factor, scratch.data());
-    }
-  });
+  const int64_t elem = params[0].element_size(), basis_elem = basis.element_size();
+  const int64_t r = basis.size(0), n_total = basis.size(1);
+  run_update(params, basis, coeffs, maximize, grad_scale, found_inf,
+             [&](const cpu::Chunk& ch, const double* w, double factor, double* scratch) {
+               fn(p_ptrs[ch.tensor] + ch.begin * elem, g_ptrs[ch.tensor] + ch.begin * elem, ch.end - ch.begin,
+                  U + (ch.flat_offset + ch.begin) * basis_elem, n_total, r, w, lr, weight_decay, factor, scratch);
+             });
+}
+
+void subspace_momentum_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                const at::Tensor& basis, const at::Tensor& coeffs, double lr, double momentum,
+                                double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf) {
+  check_finite_scalar(lr, "lr");
+  check_finite_scalar(momentum, "momentum");
+  check_finite_scalar(weight_decay, "weight_decay");
+  const at::TensorList lists[] = {params, grads, momentum_buffers};
+  const char* const names[] = {"params", "grads", "momentum_buffers"};
+  check_tensor_lists(lists, names, 3);
+  if (params.empty()) return;
+  check_update_args(params, basis, coeffs, grad_scale, found_inf);
+  const cpu::SubspaceMomentumChunkFn fn =
+      cpu::kernel_table().subspace_momentum_step[cpu::storage_kind(params[0].scalar_type())]
+                                                [cpu::basis_kind(basis.scalar_type())];
+  const auto p_ptrs = cpu::data_pointers<char>(params);
+  const auto v_ptrs = cpu::data_pointers<char>(momentum_buffers);
+  const auto g_ptrs = cpu::data_pointers<const char>(grads);
+  const char* U = static_cast<const char*>(basis.data_ptr());  // [r, n_total]
+  const int64_t elem = params[0].element_size(), basis_elem = basis.element_size();
+  const int64_t r = basis.size(0), n_total = basis.size(1);
+  run_update(params, basis, coeffs, maximize, grad_scale, found_inf,
+             [&](const cpu::Chunk& ch, const double* w, double factor, double* scratch) {
+               fn(p_ptrs[ch.tensor] + ch.begin * elem, v_ptrs[ch.tensor] + ch.begin * elem,
+                  g_ptrs[ch.tensor] + ch.begin * elem, ch.end - ch.begin,
+                  U + (ch.flat_offset + ch.begin) * basis_elem, n_total, r, w, lr, momentum, weight_decay, factor,
+                  scratch);
+             });
 }
 
 }  // namespace mrgd_ext

@@ -1,6 +1,7 @@
 // CUDA kernels of the fused multirate subspace step (docs/design.md 1.4), two passes over all parameters at once:
 //   subspace_project: c = U^T geff              U = basis [r, n_total], geff = effective_gradient(p, g)
 //   subspace_step_:   p <- subspace_update(p, g, sum_k U[k, i] * coeffs[k], lr, wd, factor)
+//   subspace_momentum_step_: the same with a momentum buffer (subspace_momentum_update)
 // over the flat concatenation of the parameters. The per-element arithmetic is shared with the CPU kernels
 // (update_math.h); only the chunking, the reductions and the launches live here.
 #include <ATen/OpMathType.h>
@@ -136,6 +137,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The momentum form (NOTE: [momentum subspace update]): one pass over params, grads and momentum buffers.
+template <typename scalar_t, typename basis_t>
+__global__ void __launch_bounds__(kThreads)
+    subspace_momentum_kernel(const cuda::TensorPack<3> meta, const basis_t* __restrict__ U, int64_t ld, int r,
+                             const at::opmath_type<scalar_t>* __restrict__ coeffs, at::opmath_type<scalar_t> lr,
+                             at::opmath_type<scalar_t> momentum, at::opmath_type<scalar_t> weight_decay, bool maximize,
+                             const float* __restrict__ grad_scale, const float* __restrict__ found_inf) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler skipped this step
+  const opmath_t factor = gradient_factor<opmath_t>(maximize, grad_scale);
+  const bool decay = decays(static_cast<double>(weight_decay));  // NOTE: [no decay term]
+  const cuda::ChunkWork w = cuda::find_chunk<kChunk>(meta);
+  scalar_t* __restrict__ p = static_cast<scalar_t*>(meta.ptr[0][w.t]) + w.begin;
+  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(meta.ptr[1][w.t]) + w.begin;
+  scalar_t* __restrict__ v = static_cast<scalar_t*>(meta.ptr[2][w.t]) + w.begin;
+  const basis_t* __restrict__ u = U + meta.flat_offset[w.t] + w.begin;
+  for (int i = threadIdx.x; i < w.len; i += kThreads) {
+    opmath_t correction = opmath_t(0);  // from k = 0 upwards, as the CPU kernel
+    for (int k = 0; k < r; ++k) correction += static_cast<opmath_t>(u[k * ld + i]) * __ldg(coeffs + k);
+    opmath_t pi = static_cast<opmath_t>(p[i]), vi = static_cast<opmath_t>(v[i]);
+    const opmath_t gi = static_cast<opmath_t>(g[i]);
+    if (decay) {
+      subspace_momentum_update<opmath_t, true>(pi, vi, gi, correction, lr, momentum, weight_decay, factor);
+    } else {
+      subspace_momentum_update<opmath_t, false>(pi, vi, gi, correction, lr, momentum, weight_decay, factor);
+    }
+    v[i] = static_cast<scalar_t>(vi);
+    p[i] = static_cast<scalar_t>(pi);
+  }
+}
+
 // Calls f(scalar_t{}, basis_t{}) for the parameter and basis dtypes (the CPU kernels' dtype sets).
 template <typename F>
 void dispatch_dtypes(at::ScalarType param_dtype, at::ScalarType basis_dtype, F&& f) {
@@ -253,10 +285,52 @@ void subspace_step_cuda(at::TensorList params, at::TensorList grads, const at::T
   });
 }
 
+void subspace_momentum_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                 const at::Tensor& basis, const at::Tensor& coeffs, double lr, double momentum,
+                                 double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                                 const std::optional<at::Tensor>& found_inf) {
+  check_finite_scalar(lr, "lr");
+  check_finite_scalar(momentum, "momentum");
+  check_finite_scalar(weight_decay, "weight_decay");
+  const at::TensorList lists[] = {params, grads, momentum_buffers};
+  const char* const names[] = {"params", "grads", "momentum_buffers"};
+  check_tensor_lists(lists, names, 3);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "mrgd_ext: the CUDA subspace_momentum_step_ got tensors on ", device);
+  check_basis(basis, total_numel(params), device);
+  const at::ScalarType dtype = params[0].scalar_type();
+  check_coeffs(coeffs, basis.size(0), dtype, device);
+  check_scalar_flag(grad_scale, "grad_scale", device);
+  check_scalar_flag(found_inf, "found_inf", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n_total = basis.size(1);
+  TORCH_CHECK(basis.size(0) <= INT32_MAX, "mrgd_ext: basis has too many rows");
+  const int ri = static_cast<int>(basis.size(0));
+  const float* scale_ptr = optional_ptr(grad_scale);
+  const float* inf_ptr = optional_ptr(found_inf);
+  dispatch_dtypes(dtype, basis.scalar_type(), [&](auto scalar_tag, auto basis_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using basis_t = decltype(basis_tag);
+    using opmath_t = at::opmath_type<scalar_t>;
+    const basis_t* U = static_cast<const basis_t*>(basis.data_ptr());
+    const opmath_t* w = static_cast<const opmath_t*>(coeffs.data_ptr());
+    cuda::for_each_launch<kChunk, 3>({params, grads, momentum_buffers},
+                                     [&](const cuda::TensorPack<3>& meta, int64_t blocks, int64_t /*chunk_base*/) {
+      subspace_momentum_kernel<scalar_t, basis_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          meta, U, n_total, ri, w, static_cast<opmath_t>(lr), static_cast<opmath_t>(momentum),
+          static_cast<opmath_t>(weight_decay), maximize, scale_ptr, inf_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
 }  // namespace
 }  // namespace mrgd_ext
 
 TORCH_LIBRARY_IMPL(mrgd_ext, CUDA, m) {
+  m.impl("subspace_momentum_step_", &mrgd_ext::subspace_momentum_step_cuda);
   m.impl("subspace_project", &mrgd_ext::subspace_project_cuda);
   m.impl("subspace_step_", &mrgd_ext::subspace_step_cuda);
 }

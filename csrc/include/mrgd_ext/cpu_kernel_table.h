@@ -34,6 +34,11 @@ using ProjectChunkFn = void (*)(const void* p, const void* g, int64_t len, const
 using SubspaceStepChunkFn = void (*)(void* p, const void* g, int64_t len, const void* U, int64_t ld, int64_t r,
                                      const double* w, double lr, double weight_decay, double factor, void* scratch);
 
+// p[i], v[i] <- subspace_momentum_update(p[i], v[i], g[i], sum_k U[k * ld + i] * w[k], lr, momentum, wd, factor).
+using SubspaceMomentumChunkFn = void (*)(void* p, void* v, const void* g, int64_t len, const void* U, int64_t ld,
+                                         int64_t r, const double* w, double lr, double momentum, double weight_decay,
+                                         double factor, void* scratch);
+
 // One pass of the block orthogonalisation over the columns [begin, end) of one super-chunk
 // (csrc/cpu/block_orthogonalize.cpp describes the passes).
 struct BlockOrthogonalizePass {
@@ -56,6 +61,7 @@ struct KernelTable {
   ElementwiseChunkFn elementwise[kNumElementwiseOps][kNumStorageKinds];
   ProjectChunkFn project[kNumStorageKinds][kNumBasisKinds];
   SubspaceStepChunkFn subspace_step[kNumStorageKinds][kNumBasisKinds];
+  SubspaceMomentumChunkFn subspace_momentum_step[kNumStorageKinds][kNumBasisKinds];
   BlockOrthogonalizePassFn block_orthogonalize[2];  // [0] float32, [1] float64
 };
 

@@ -15,4 +15,11 @@ void subspace_step_cpu(at::TensorList params, at::TensorList grads, const at::Te
                        const at::Tensor& coeffs, double lr, double weight_decay, bool maximize,
                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 
+// The momentum form (NOTE: [momentum subspace update]): d = lr * geff + U coeffs, v <- momentum v + d,
+// p <- p - d - momentum v; skipped entirely when found_inf is non-zero.
+void subspace_momentum_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                const at::Tensor& basis, const at::Tensor& coeffs, double lr, double momentum,
+                                double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf);
+
 }  // namespace mrgd_ext

@@ -5,7 +5,14 @@ Importing this package loads the compiled library, which registers the operators
 """
 
 from mrgd_ext.ops.lanczos_ops import block_orthogonalize_, has_block_orthogonalize_kernel
-from mrgd_ext.ops.step_ops import build_info, has_kernel, multirate_step_, subspace_project, subspace_step_
+from mrgd_ext.ops.step_ops import (
+    build_info,
+    has_kernel,
+    multirate_step_,
+    subspace_momentum_step_,
+    subspace_project,
+    subspace_step_,
+)
 
 __all__ = [
     "build_info",
@@ -13,6 +20,7 @@ __all__ = [
     "multirate_step_",
     "subspace_project",
     "subspace_step_",
+    "subspace_momentum_step_",
     "block_orthogonalize_",
     "has_block_orthogonalize_kernel",
 ]

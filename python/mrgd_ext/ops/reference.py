@@ -120,6 +120,41 @@ def subspace_step(
         offset += n
 
 
+def subspace_momentum_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    basis: torch.Tensor,
+    coeffs: torch.Tensor,
+    lr: float | torch.Tensor,
+    momentum: float,
+    *,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> None:
+    """In place, with ``d = lr * geff + U^T coeffs`` (the step :func:`subspace_step` takes):
+    ``v <- momentum * v + d`` and ``p <- p - d - momentum * v`` (``v`` the updated buffer, before rounding to
+    storage; NOTE: [momentum subspace update] in csrc/include/mrgd_ext/update_math.h)."""
+    if _skipped(found_inf) or len(params) == 0:
+        return
+    dtype = _compute_dtype(params[0].dtype, compute_dtype)
+    correction = coeffs.to(dtype) @ basis.to(dtype)  # [n_total]
+    offset = 0
+    for p, g, v in zip(params, grads, momentum_buffers):
+        n = p.numel()
+        factor = _gradient_factor(maximize, grad_scale, dtype, p.device)
+        geff = effective_gradient(p, g, weight_decay, factor, dtype)
+        d = lr * geff + correction[offset : offset + n].reshape(p.shape)
+        v_new = momentum * v.to(dtype) + d
+        p_new = p.to(dtype) - d - momentum * v_new
+        v.copy_(v_new)
+        p.copy_(p_new)
+        offset += n
+
+
 def multirate_subspace_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],

@@ -118,6 +118,17 @@ def _subspace_step_reference(
     )
 
 
+def _subspace_momentum_step_reference(
+    params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor], basis: torch.Tensor,
+    coeffs: torch.Tensor, lr: float, momentum: float, weight_decay: float, maximize: bool,
+    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+) -> None:
+    reference.subspace_momentum_step(
+        params, grads, momentum_buffers, basis, coeffs, lr, momentum, weight_decay=weight_decay, maximize=maximize,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Sample calls: odd sizes (vector loops plus scalar tails), several tensors, every optional feature used.
 
@@ -157,6 +168,15 @@ def _subspace_step_sample(device: torch.device, dtype: torch.dtype) -> tuple[Any
     return params, grads, basis, coeffs, 0.1, 0.01, False, None, torch.tensor([0.0], device=device)
 
 
+def _subspace_momentum_step_sample(device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
+    params, grads = _param_grads(device, dtype)
+    buffers, _ = _param_grads(device, dtype, sizes=tuple(tuple(p.shape) for p in params))
+    basis = _basis(params)
+    coeffs = torch.tensor([0.5, -0.25, 0.125], dtype=coefficient_dtype(dtype), device=device)
+    return (params, grads, [b * 0.5 for b in buffers], basis, coeffs, 0.1, 0.9, 0.01, True,
+            torch.tensor([2.0], device=device), torch.tensor([0.0], device=device))
+
+
 def _block_orthogonalize_sample(device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
     gen = torch.Generator().manual_seed(2)
     q, _ = torch.linalg.qr(torch.randn(1001, 5, generator=gen, dtype=torch.float64))
@@ -182,6 +202,8 @@ _register(OpInfo("subspace_project", _subspace_project_fake, _subspace_project_r
                  _subspace_project_sample))
 _register(OpInfo("subspace_step_", _no_output_fake, _subspace_step_reference, KERNEL_PARAM_DTYPES,
                  _subspace_step_sample))
+_register(OpInfo("subspace_momentum_step_", _no_output_fake, _subspace_momentum_step_reference, KERNEL_PARAM_DTYPES,
+                 _subspace_momentum_step_sample))
 _register(OpInfo("block_orthogonalize_", _block_orthogonalize_fake, lanczos_reference.block_orthogonalize,
                  (torch.float32, torch.float64), _block_orthogonalize_sample))
 

@@ -855,7 +855,7 @@ class AutoMrGD(MrGD):
         # rises, which keeps the accelerated rate without knowing lambda_min and stops momentum from carrying
         # the iterate uphill on nonconvex losses. On a Ritz direction with P H = 1 the look-ahead gradient step
         # is exact, so momentum costs the resolved groups nothing. One extra vector of the parameters' size (the
-        # momentum; the step P g is never stored: NOTE: [momentum subspace step]); measured on
+        # momentum; the step P g is never stored: NOTE: [momentum subspace update]); measured on
         # benchmarks/bench_training.py.
         auto = self.state[_AUTO_KEY]
         group = self.param_groups[0]

@@ -726,7 +726,7 @@ class MrGD(Optimizer):
         """One subspace step ``p -= P g`` (docs/design.md 1.4). ``keep``: in a compiled step with a GradScaler,
         the device flag "no overflow" (NOTE: [compiled subspace step]). ``momentum`` = (buffers shaped like the
         parameters, mu): the Nesterov form of AutoMrGD's accelerated step instead, ``v <- mu v + P g``,
-        ``p <- p - P g - mu v`` (NOTE: [momentum subspace step]); weight decay is part of ``g`` either way."""
+        ``p <- p - P g - mu v`` (NOTE: [momentum subspace update]); weight decay is part of ``g`` either way."""
         group = self.param_groups[0]
         sub = self.state[_SUBSPACE_KEY]
         params = group["params"]
@@ -755,12 +755,6 @@ class MrGD(Optimizer):
             scale = torch.where(keep, torch.as_tensor(scale, dtype=torch.float64), 0.0)
         use_fused = group["fused"] if group["fused"] is not None else _fused_supported(params)
         wd, maximize = group["weight_decay"], group["maximize"]
-        if momentum is not None and wd != 0.0:
-            # The kernels read the decay term from the tensors they update: fold it into g first, so that the
-            # momentum buffers take P (+-g + wd p) too (the kernels negate g under maximize, so the decay term
-            # goes in negated there, as torch.optim does: -g + wd p).
-            grads = list(torch._foreach_add(grads, params, alpha=-wd if maximize else wd))
-            wd = 0.0
         kwargs = {"weight_decay": wd, "maximize": maximize}
         if use_fused:  # checked in step(); the raw ops skip the wrappers' per-tensor Python checks
             c = torch.ops.mrgd_ext.subspace_project(params, grads, basis, wd, maximize, grad_scale)
@@ -770,27 +764,22 @@ class MrGD(Optimizer):
             torch.distributed.all_reduce(c, group=self._process_group)
         coeffs = (scale * sub["column_rates"].to(c.dtype) - base_lr) * c
 
-        def update(target: list[torch.Tensor], sign: float) -> None:  # target <- target - sign * P g
-            if use_fused and not isinstance(base_lr, torch.Tensor):
-                torch.ops.mrgd_ext.subspace_step_(target, grads, basis, sign * coeffs, sign * base_lr, wd, maximize,
-                                                  grad_scale, None)
-            else:
-                _reference.subspace_step(target, grads, basis, sign * coeffs, sign * base_lr, grad_scale=grad_scale,
-                                         **kwargs)
-
-        if momentum is None:
-            update(params, 1.0)
+        fused_update = use_fused and not isinstance(base_lr, torch.Tensor)
+        if momentum is None and fused_update:
+            torch.ops.mrgd_ext.subspace_step_(params, grads, basis, coeffs, base_lr, wd, maximize, grad_scale, None)
+        elif momentum is None:
+            _reference.subspace_step(params, grads, basis, coeffs, base_lr, grad_scale=grad_scale, **kwargs)
         else:
-            # NOTE: [momentum subspace step]
-            # v <- mu v + P g and p <- p - P g - mu v from one projection: the update kernel runs twice with the
-            # same coefficients (once negated, into the buffers), so no parameter-sized copy of P g is kept;
-            # four passes over the parameters' size besides the projection.
+            # NOTE: [momentum subspace update] (csrc/include/mrgd_ext/update_math.h): v <- mu v + P g and
+            # p <- p - P g - mu v in one pass from the same projection; P g is never stored.
             bufs, mu = momentum
             bufs = [_dtensor.local(b) for b in bufs]
-            torch._foreach_mul_(bufs, mu)
-            update(bufs, -1.0)
-            update(params, 1.0)
-            torch._foreach_add_(params, bufs, alpha=-mu)
+            if fused_update:
+                torch.ops.mrgd_ext.subspace_momentum_step_(params, grads, bufs, basis, coeffs, base_lr, mu, wd,
+                                                           maximize, grad_scale, None)
+            else:
+                _reference.subspace_momentum_step(params, grads, bufs, basis, coeffs, base_lr, mu,
+                                                  grad_scale=grad_scale, **kwargs)
         last = group["last_rate"]
         if isinstance(rate, torch.Tensor) or keep is not None:
             rate = torch.as_tensor(rate, dtype=torch.float64).reshape(1)
