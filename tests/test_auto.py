@@ -869,6 +869,23 @@ def test_residual_cap_bounds_the_coupling_of_an_unconverged_basis():
     assert AutoMrGD._residual_cap(est, [100.0], rates, 1.0 / 1.1) == 1.0 / 1.1
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e-12])
+def test_residual_cap_with_a_negative_ritz_value_is_positive_and_exact(scale):
+    # A positive pair with a large residual and a Ritz value <= 0 with a small one: the cap solves
+    # s_neg x^2 + s_pos x = 0.25^2. When s_pos^2 dwarfs 4 s_neg 0.25^2 the textbook root formula cancels to 0
+    # (a base rate of 0, which the optimizer refuses); the cancellation-free form keeps x ~ 0.25^2 / s_pos.
+    est = mrgd_ext.curvature.CurvatureEstimate(
+        groups=[ScaleGroup(100.0, 100.0)], lambda_max=100.0,
+        eigenvalues=torch.tensor([100.0, -1.0], dtype=torch.float64),
+        eigenvectors=torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64),
+        residuals=torch.tensor([1e4, 1e-6 * scale]), density=None, num_hvps=0, seconds=0.0)
+    rates = [1.0 / 110.0, 1.0]
+    base = AutoMrGD._residual_cap(est, [100.0, -1.0], rates, 1.0)
+    s_pos, s_neg = (1e4) ** 2 / 110.0, (1e-6 * scale) ** 2
+    assert base > 0.0
+    assert s_neg * base**2 + s_pos * base == pytest.approx(0.25**2, rel=1e-12)
+
+
 @pytest.mark.parametrize("lanczos_tol", [0.3, 1e-2, 1e-8])
 def test_subspace_step_is_stable_whatever_the_lanczos_tolerance(lanczos_tol):
     # NOTE: [basis accuracy]: the preconditioned Hessian's top eigenvalue stays below 4/3 (the bound for

@@ -69,16 +69,6 @@ at::Tensor subspace_project_cpu(at::TensorList params, at::TensorList grads, con
 
 namespace {
 
-// The argument checks both update passes (plain and momentum form) share, after their tensor lists'.
-void check_update_args(at::TensorList params, const at::Tensor& basis, const at::Tensor& coeffs,
-                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const at::Device device = params[0].device();
-  check_basis(basis, total_numel(params), device);
-  check_coeffs(coeffs, basis.size(0), params[0].scalar_type(), device);
-  check_scalar_flag(grad_scale, "grad_scale", device);
-  check_scalar_flag(found_inf, "found_inf", device);
-}
-
 // The chunked, threaded loop of both update passes: `update(chunk, w, factor, scratch)` updates one chunk, given
 // the coefficients widened to double and the gradient factor. Writes nothing when found_inf is non-zero.
 template <typename Update>

@@ -247,6 +247,22 @@ at::Tensor subspace_project_cuda(at::TensorList params, at::TensorList grads, co
   return out;
 }
 
+// What both update passes need after their checks (check_update_args in checks.h, shared with the CPU).
+struct UpdateLaunch {
+  int rows;  // basis rows: the update loops over them at run time (one running sum per element), no rank limit
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+UpdateLaunch prepare_update(at::TensorList params, const at::Tensor& basis, const at::Tensor& coeffs,
+                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                            const char* op) {
+  TORCH_CHECK(params[0].device().is_cuda(), "mrgd_ext: the CUDA ", op, " got tensors on ", params[0].device());
+  check_update_args(params, basis, coeffs, grad_scale, found_inf);
+  TORCH_CHECK(basis.size(0) <= INT32_MAX, "mrgd_ext: basis has too many rows");
+  return {static_cast<int>(basis.size(0)), optional_ptr(grad_scale), optional_ptr(found_inf)};
+}
+
 void subspace_step_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& basis,
                         const at::Tensor& coeffs, double lr, double weight_decay, bool maximize,
                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
@@ -254,21 +270,14 @@ void subspace_step_cuda(at::TensorList params, at::TensorList grads, const at::T
   check_finite_scalar(weight_decay, "weight_decay");
   check_param_grad_lists(params, grads);
   if (params.empty()) return;
-  const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), "mrgd_ext: the CUDA subspace_step_ got tensors on ", device);
-  check_basis(basis, total_numel(params), device);
+  const UpdateLaunch launch = prepare_update(params, basis, coeffs, grad_scale, found_inf, "subspace_step_");
   const at::ScalarType dtype = params[0].scalar_type();
-  check_coeffs(coeffs, basis.size(0), dtype, device);
-  check_scalar_flag(grad_scale, "grad_scale", device);
-  check_scalar_flag(found_inf, "found_inf", device);
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t n_total = basis.size(1);
-  // The step loops over the rows at run time (one running sum per element), so it has no rank limit.
-  TORCH_CHECK(basis.size(0) <= INT32_MAX, "mrgd_ext: basis has too many rows");
-  const int ri = static_cast<int>(basis.size(0));
-  const float* scale_ptr = optional_ptr(grad_scale);
-  const float* inf_ptr = optional_ptr(found_inf);
+  const int ri = launch.rows;
+  const float* scale_ptr = launch.grad_scale;
+  const float* inf_ptr = launch.found_inf;
   dispatch_dtypes(dtype, basis.scalar_type(), [&](auto scalar_tag, auto basis_tag) {
     using scalar_t = decltype(scalar_tag);
     using basis_t = decltype(basis_tag);
@@ -296,20 +305,15 @@ void subspace_momentum_step_cuda(at::TensorList params, at::TensorList grads, at
   const char* const names[] = {"params", "grads", "momentum_buffers"};
   check_tensor_lists(lists, names, 3);
   if (params.empty()) return;
-  const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), "mrgd_ext: the CUDA subspace_momentum_step_ got tensors on ", device);
-  check_basis(basis, total_numel(params), device);
+  const UpdateLaunch launch =
+      prepare_update(params, basis, coeffs, grad_scale, found_inf, "subspace_momentum_step_");
   const at::ScalarType dtype = params[0].scalar_type();
-  check_coeffs(coeffs, basis.size(0), dtype, device);
-  check_scalar_flag(grad_scale, "grad_scale", device);
-  check_scalar_flag(found_inf, "found_inf", device);
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t n_total = basis.size(1);
-  TORCH_CHECK(basis.size(0) <= INT32_MAX, "mrgd_ext: basis has too many rows");
-  const int ri = static_cast<int>(basis.size(0));
-  const float* scale_ptr = optional_ptr(grad_scale);
-  const float* inf_ptr = optional_ptr(found_inf);
+  const int ri = launch.rows;
+  const float* scale_ptr = launch.grad_scale;
+  const float* inf_ptr = launch.found_inf;
   dispatch_dtypes(dtype, basis.scalar_type(), [&](auto scalar_tag, auto basis_tag) {
     using scalar_t = decltype(scalar_tag);
     using basis_t = decltype(basis_tag);

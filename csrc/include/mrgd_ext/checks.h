@@ -86,4 +86,16 @@ inline void check_coeffs(const at::Tensor& coeffs, int64_t r, at::ScalarType par
               device);
 }
 
+// The checks both subspace update passes (subspace_step_, subspace_momentum_step_) share on every device, after
+// their tensor lists' (non-empty params).
+inline void check_update_args(at::TensorList params, const at::Tensor& basis, const at::Tensor& coeffs,
+                              const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf) {
+  const at::Device device = params[0].device();
+  check_basis(basis, total_numel(params), device);
+  check_coeffs(coeffs, basis.size(0), params[0].scalar_type(), device);
+  check_scalar_flag(grad_scale, "grad_scale", device);
+  check_scalar_flag(found_inf, "found_inf", device);
+}
+
 }  // namespace mrgd_ext

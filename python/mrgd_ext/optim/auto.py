@@ -810,7 +810,9 @@ class AutoMrGD(MrGD):
             return base
         if s_neg == 0.0:
             return c2 / s_pos
-        return (-s_pos + math.sqrt(s_pos * s_pos + 4.0 * s_neg * c2)) / (2.0 * s_neg)
+        # The positive root of s_neg x^2 + s_pos x - c2 = 0 in the form without cancellation: (-b + sqrt(b^2 +
+        # 4ac)) / 2a rounds to 0 once s_pos^2 dwarfs 4 s_neg c2 (a base rate of 0 is no rate at all).
+        return 2.0 * c2 / (s_pos + math.sqrt(s_pos * s_pos + 4.0 * s_neg * c2))
 
     def _install(self, estimate: CurvatureEstimate, plan: MultiratePlan) -> None:
         group = self.param_groups[0]
