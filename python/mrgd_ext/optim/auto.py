@@ -57,10 +57,10 @@ closure]).
 NOTE: [default mode]
 Subspace mode (Ritz rates, restarted Nesterov momentum on the preconditioned step) is the default: on the
 training suite (benchmarks/results/training_cpu.md, full budgets) it ends lower than temporal mode on six of seven
-problems (not on the raw-diabetes MLP: 2854 against 2701) with fewer HVPs on all seven (11-225 against 66-755;
+problems (not on the raw-diabetes MLP: 2838 against 2701) with fewer HVPs on all seven (11-200 against 66-755;
 its Lanczos measures no SLQ density), and it meets targets there that temporal mode misses (gap 1e-6 on raw least
-squares and logistic regression; 0.05-0.14x GD's time on logistic and softmax regression, the wine MLP and the
-CNN; the multiscale MLP in 0.87x heavy ball's time).
+squares and logistic regression; 0.06-0.14x GD's time on logistic and softmax regression, the wine MLP and the
+CNN; the multiscale MLP in 0.76x heavy ball's time).
 
 NOTE: [gradient noise]
 With minibatch gradients every step also injects noise, and a large step multiplies the noise that the small
@@ -381,8 +381,8 @@ class AutoMrGD(MrGD):
             closure's loss is averaged over the ranks too, so every rank takes the same decisions.
         mode: ``"subspace"`` (default: Ritz vectors + fused subspace step) or ``"temporal"`` (cycle of rates).
             On the training suite (benchmarks/results/training_cpu.md: raw-feature least squares, logistic and
-            softmax regression, small MLPs) subspace mode ended lower than temporal mode on five of six problems
-            (NOTE: [default mode]).
+            softmax regression, three MLPs and a CNN) subspace mode ended lower than temporal mode on six of seven
+            problems (NOTE: [default mode]).
         refresh_every: re-measure after this many steps (temporal: at the next cycle start); the interval
             doubles while refreshes find the same groups, up to ``max_refresh_interval`` steps (default 16
             ``refresh_every``; NOTE: [estimation cost]).
