@@ -16,6 +16,8 @@ Target: the top ``k`` (default 10) eigenpairs with ``|H v - lambda v| <= tol * |
 * ``eigsh``: ``scipy.sparse.linalg.eigsh`` (ARPACK, implicitly restarted Lanczos) on a LinearOperator over the
   same operator, ``which="LA"``, ``tol=tol`` (ARPACK's test is relative to each |theta_i|, slightly stricter).
 
+Every method that applies this operator (Lanczos, power iteration, eigsh) does so inside its ``share_graph``
+context: all products of one run differentiate one gradient graph (NOTE: [shared graph]), as in AutoMrGD.
 Every method's answer is checked afterwards with k extra products (not counted): the true residuals.
 Reported: products, wall time, the fraction of wall time outside the products. Writes
 benchmarks/results/lanczos_<device>.{json,md}.
@@ -105,9 +107,20 @@ class Counted:
         self.hvps += V.shape[0]
         return out
 
+    def share_graph(self):
+        """The wrapped operator's (NOTE: [shared graph]): every method that applies this operator at one point
+        differentiates one gradient graph, as mrgd_ext's own routines do (PyHessian, whose scheme power
+        iteration follows, builds its gradient graph once too)."""
+        return self.op.share_graph()
+
 
 def power_iteration(op: Counted, k: int, tol: float, max_hvps: int, seed: int = 0):
     """Deflated power iteration (PyHessian's scheme) with the residual stopping test."""
+    with op.share_graph():
+        return _power_iteration(op, k, tol, max_hvps, seed)
+
+
+def _power_iteration(op: Counted, k: int, tol: float, max_hvps: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     found: list[torch.Tensor] = []
     values: list[float] = []
@@ -152,7 +165,8 @@ def run_eigsh(op: Counted, k: int, tol: float, seed: int = 0):
 
     A = LinearOperator((op.n, op.n), matvec=mv, dtype=np.float64)
     v0 = np.random.default_rng(seed).standard_normal(op.n)
-    vals, vecs = eigsh(A, k=k, which="LA", tol=tol, v0=v0)
+    with op.share_graph():  # every product at one point, as for the other methods
+        vals, vecs = eigsh(A, k=k, which="LA", tol=tol, v0=v0)
     order = np.argsort(vals)[::-1]
     return vals[order], torch.from_numpy(np.ascontiguousarray(vecs[:, order].T)).to(op.device, op.dtype)
 
