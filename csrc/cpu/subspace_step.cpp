@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <array>
 #include <vector>
 
 #include "mrgd_ext/checks.h"
@@ -69,21 +70,33 @@ at::Tensor subspace_project_cpu(at::TensorList params, at::TensorList grads, con
 
 namespace {
 
-// The chunked, threaded loop of both update passes: `update(chunk, w, factor, scratch)` updates one chunk, given
-// the coefficients widened to double and the gradient factor. Writes nothing when found_inf is non-zero.
-template <typename Update>
-void run_update(at::TensorList params, const at::Tensor& basis, const at::Tensor& coeffs, bool maximize,
-                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                Update&& update) {
+// The chunked, threaded loop both update passes share (after check_update_args): `update(list_ptrs, offset, len, U_chunk, w,
+// factor, scratch)` updates one chunk, given the N lists' data pointers (params first; list_ptrs[j][t] + offset *
+// element size is the chunk's first element in list j), the chunk's first basis column, the coefficients
+// widened to double and the gradient factor. Writes nothing when found_inf is non-zero.
+template <size_t N, typename Update>
+void run_update(const std::array<at::TensorList, N>& lists, const at::Tensor& basis, const at::Tensor& coeffs,
+                bool maximize, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf, Update&& update) {
+  const at::TensorList params = lists[0];
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
   const double factor = cpu::host_gradient_factor(params[0].scalar_type(), maximize, grad_scale);
   const at::Tensor w = coeffs.to(at::kDouble).contiguous();  // exact widening of float32 coefficients
   const double* w_ptr = w.data_ptr<double>();
+  std::array<std::vector<char*>, N> ptrs;
+  for (size_t j = 0; j < N; ++j) ptrs[j] = cpu::data_pointers<char>(lists[j]);
+  const char* U = static_cast<const char*>(basis.data_ptr());  // [r, n_total]
+  const int64_t elem = params[0].element_size(), basis_elem = basis.element_size();
   const auto chunks = cpu::split_into_chunks(params, kSubspaceChunk);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   at::parallel_for(0, num_chunks, grain_for(basis.size(1), basis.size(0), num_chunks), [&](int64_t begin, int64_t end) {
     std::vector<double> scratch(kSubspaceChunk);
-    for (int64_t c = begin; c < end; ++c) update(chunks[c], w_ptr, factor, scratch.data());
+    for (int64_t c = begin; c < end; ++c) {
+      const cpu::Chunk& ch = chunks[c];
+      std::array<char*, N> x;
+      for (size_t j = 0; j < N; ++j) x[j] = ptrs[j][ch.tensor] + ch.begin * elem;
+      update(x, ch.end - ch.begin, U + (ch.flat_offset + ch.begin) * basis_elem, w_ptr, factor, scratch.data());
+    }
   });
 }
 
@@ -96,19 +109,13 @@ void subspace_step_cpu(at::TensorList params, at::TensorList grads, const at::Te
   check_finite_scalar(weight_decay, "weight_decay");
   check_param_grad_lists(params, grads);
   if (params.empty()) return;
-  check_update_args(params, basis, coeffs, grad_scale, found_inf);
+  check_update_args(params, basis, coeffs, grad_scale, found_inf);  // before the basis dtype picks the kernel
   const cpu::SubspaceStepChunkFn fn = cpu::kernel_table().subspace_step[cpu::storage_kind(params[0].scalar_type())]
                                                                        [cpu::basis_kind(basis.scalar_type())];
-  const auto p_ptrs = cpu::data_pointers<char>(params);
-  const auto g_ptrs = cpu::data_pointers<const char>(grads);
-  const char* U = static_cast<const char*>(basis.data_ptr());  // [r, n_total]
-  const int64_t elem = params[0].element_size(), basis_elem = basis.element_size();
   const int64_t r = basis.size(0), n_total = basis.size(1);
-  run_update(params, basis, coeffs, maximize, grad_scale, found_inf,
-             [&](const cpu::Chunk& ch, const double* w, double factor, double* scratch) {
-               fn(p_ptrs[ch.tensor] + ch.begin * elem, g_ptrs[ch.tensor] + ch.begin * elem, ch.end - ch.begin,
-                  U + (ch.flat_offset + ch.begin) * basis_elem, n_total, r, w, lr, weight_decay, factor, scratch);
-             });
+  run_update<2>({params, grads}, basis, coeffs, maximize, grad_scale, found_inf,
+                [&](const std::array<char*, 2>& x, int64_t len, const char* U, const double* w, double factor,
+                    double* scratch) { fn(x[0], x[1], len, U, n_total, r, w, lr, weight_decay, factor, scratch); });
 }
 
 void subspace_momentum_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -122,23 +129,16 @@ void subspace_momentum_step_cpu(at::TensorList params, at::TensorList grads, at:
   const char* const names[] = {"params", "grads", "momentum_buffers"};
   check_tensor_lists(lists, names, 3);
   if (params.empty()) return;
-  check_update_args(params, basis, coeffs, grad_scale, found_inf);
+  check_update_args(params, basis, coeffs, grad_scale, found_inf);  // before the basis dtype picks the kernel
   const cpu::SubspaceMomentumChunkFn fn =
       cpu::kernel_table().subspace_momentum_step[cpu::storage_kind(params[0].scalar_type())]
                                                 [cpu::basis_kind(basis.scalar_type())];
-  const auto p_ptrs = cpu::data_pointers<char>(params);
-  const auto v_ptrs = cpu::data_pointers<char>(momentum_buffers);
-  const auto g_ptrs = cpu::data_pointers<const char>(grads);
-  const char* U = static_cast<const char*>(basis.data_ptr());  // [r, n_total]
-  const int64_t elem = params[0].element_size(), basis_elem = basis.element_size();
   const int64_t r = basis.size(0), n_total = basis.size(1);
-  run_update(params, basis, coeffs, maximize, grad_scale, found_inf,
-             [&](const cpu::Chunk& ch, const double* w, double factor, double* scratch) {
-               fn(p_ptrs[ch.tensor] + ch.begin * elem, v_ptrs[ch.tensor] + ch.begin * elem,
-                  g_ptrs[ch.tensor] + ch.begin * elem, ch.end - ch.begin,
-                  U + (ch.flat_offset + ch.begin) * basis_elem, n_total, r, w, lr, momentum, weight_decay, factor,
-                  scratch);
-             });
+  run_update<3>({params, grads, momentum_buffers}, basis, coeffs, maximize, grad_scale, found_inf,
+                [&](const std::array<char*, 3>& x, int64_t len, const char* U, const double* w, double factor,
+                    double* scratch) {
+                  fn(x[0], x[2], x[1], len, U, n_total, r, w, lr, momentum, weight_decay, factor, scratch);
+                });
 }
 
 }  // namespace mrgd_ext

@@ -247,20 +247,36 @@ at::Tensor subspace_project_cuda(at::TensorList params, at::TensorList grads, co
   return out;
 }
 
-// What both update passes need after their checks (check_update_args in checks.h, shared with the CPU).
-struct UpdateLaunch {
-  int rows;  // basis rows: the update loops over them at run time (one running sum per element), no rank limit
-  const float* grad_scale;
-  const float* found_inf;
-};
-
-UpdateLaunch prepare_update(at::TensorList params, const at::Tensor& basis, const at::Tensor& coeffs,
-                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                            const char* op) {
+// The checks (check_update_args in checks.h, shared with the CPU) and the launches both update passes share:
+// `launch(scalar_tag, basis_tag, meta, blocks, stream, U, n_total, rows, coeffs, grad_scale, found_inf)` starts
+// one kernel over a pack of the N lists (params first).
+template <int N, typename Launch>
+void launch_update(const std::array<at::TensorList, N>& lists, const at::Tensor& basis, const at::Tensor& coeffs,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const char* op, Launch&& launch) {
+  const at::TensorList params = lists[0];
   TORCH_CHECK(params[0].device().is_cuda(), "mrgd_ext: the CUDA ", op, " got tensors on ", params[0].device());
   check_update_args(params, basis, coeffs, grad_scale, found_inf);
+  // The update loops over the rows at run time (one running sum per element), so it has no rank limit.
   TORCH_CHECK(basis.size(0) <= INT32_MAX, "mrgd_ext: basis has too many rows");
-  return {static_cast<int>(basis.size(0)), optional_ptr(grad_scale), optional_ptr(found_inf)};
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int rows = static_cast<int>(basis.size(0));
+  const float* scale_ptr = optional_ptr(grad_scale);
+  const float* inf_ptr = optional_ptr(found_inf);
+  dispatch_dtypes(params[0].scalar_type(), basis.scalar_type(), [&](auto scalar_tag, auto basis_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using basis_t = decltype(basis_tag);
+    using opmath_t = at::opmath_type<scalar_t>;
+    const basis_t* U = static_cast<const basis_t*>(basis.data_ptr());
+    // coeffs has the arithmetic type of the parameters (coefficient_dtype == opmath type), checked above.
+    const opmath_t* w = static_cast<const opmath_t*>(coeffs.data_ptr());
+    cuda::for_each_launch<kChunk, N>(lists, [&](const cuda::TensorPack<N>& meta, int64_t blocks, int64_t) {
+      launch(scalar_tag, basis_tag, meta, static_cast<unsigned>(blocks), stream, U, basis.size(1), rows, w, scale_ptr,
+             inf_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
 }
 
 void subspace_step_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& basis,
@@ -270,28 +286,16 @@ void subspace_step_cuda(at::TensorList params, at::TensorList grads, const at::T
   check_finite_scalar(weight_decay, "weight_decay");
   check_param_grad_lists(params, grads);
   if (params.empty()) return;
-  const UpdateLaunch launch = prepare_update(params, basis, coeffs, grad_scale, found_inf, "subspace_step_");
-  const at::ScalarType dtype = params[0].scalar_type();
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t n_total = basis.size(1);
-  const int ri = launch.rows;
-  const float* scale_ptr = launch.grad_scale;
-  const float* inf_ptr = launch.found_inf;
-  dispatch_dtypes(dtype, basis.scalar_type(), [&](auto scalar_tag, auto basis_tag) {
-    using scalar_t = decltype(scalar_tag);
-    using basis_t = decltype(basis_tag);
-    using opmath_t = at::opmath_type<scalar_t>;
-    const basis_t* U = static_cast<const basis_t*>(basis.data_ptr());
-    // coeffs has the arithmetic type of the parameters (coefficient_dtype == opmath type), checked above.
-    const opmath_t* w = static_cast<const opmath_t*>(coeffs.data_ptr());
-    cuda::for_each_launch<kChunk, 2>({params, grads}, [&](const cuda::TensorPack<2>& meta, int64_t blocks, int64_t /*chunk_base*/) {
-      subspace_step_kernel<scalar_t, basis_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          meta, U, n_total, ri, w, static_cast<opmath_t>(lr), static_cast<opmath_t>(weight_decay), maximize,
-          scale_ptr, inf_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  launch_update<2>({params, grads}, basis, coeffs, grad_scale, found_inf, "subspace_step_",
+                   [&](auto scalar_tag, auto basis_tag, const cuda::TensorPack<2>& meta, unsigned blocks,
+                       cudaStream_t stream, const auto* U, int64_t ld, int rows, const auto* w, const float* scale,
+                       const float* inf) {
+                     using scalar_t = decltype(scalar_tag);
+                     using opmath_t = at::opmath_type<scalar_t>;
+                     subspace_step_kernel<scalar_t, decltype(basis_tag)><<<blocks, kThreads, 0, stream>>>(
+                         meta, U, ld, rows, w, static_cast<opmath_t>(lr), static_cast<opmath_t>(weight_decay),
+                         maximize, scale, inf);
+                   });
 }
 
 void subspace_momentum_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -305,29 +309,16 @@ void subspace_momentum_step_cuda(at::TensorList params, at::TensorList grads, at
   const char* const names[] = {"params", "grads", "momentum_buffers"};
   check_tensor_lists(lists, names, 3);
   if (params.empty()) return;
-  const UpdateLaunch launch =
-      prepare_update(params, basis, coeffs, grad_scale, found_inf, "subspace_momentum_step_");
-  const at::ScalarType dtype = params[0].scalar_type();
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t n_total = basis.size(1);
-  const int ri = launch.rows;
-  const float* scale_ptr = launch.grad_scale;
-  const float* inf_ptr = launch.found_inf;
-  dispatch_dtypes(dtype, basis.scalar_type(), [&](auto scalar_tag, auto basis_tag) {
-    using scalar_t = decltype(scalar_tag);
-    using basis_t = decltype(basis_tag);
-    using opmath_t = at::opmath_type<scalar_t>;
-    const basis_t* U = static_cast<const basis_t*>(basis.data_ptr());
-    const opmath_t* w = static_cast<const opmath_t*>(coeffs.data_ptr());
-    cuda::for_each_launch<kChunk, 3>({params, grads, momentum_buffers},
-                                     [&](const cuda::TensorPack<3>& meta, int64_t blocks, int64_t /*chunk_base*/) {
-      subspace_momentum_kernel<scalar_t, basis_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          meta, U, n_total, ri, w, static_cast<opmath_t>(lr), static_cast<opmath_t>(momentum),
-          static_cast<opmath_t>(weight_decay), maximize, scale_ptr, inf_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  launch_update<3>({params, grads, momentum_buffers}, basis, coeffs, grad_scale, found_inf, "subspace_momentum_step_",
+                   [&](auto scalar_tag, auto basis_tag, const cuda::TensorPack<3>& meta, unsigned blocks,
+                       cudaStream_t stream, const auto* U, int64_t ld, int rows, const auto* w, const float* scale,
+                       const float* inf) {
+                     using scalar_t = decltype(scalar_tag);
+                     using opmath_t = at::opmath_type<scalar_t>;
+                     subspace_momentum_kernel<scalar_t, decltype(basis_tag)><<<blocks, kThreads, 0, stream>>>(
+                         meta, U, ld, rows, w, static_cast<opmath_t>(lr), static_cast<opmath_t>(momentum),
+                         static_cast<opmath_t>(weight_decay), maximize, scale, inf);
+                   });
 }
 
 }  // namespace
