@@ -122,12 +122,7 @@ void subspace_momentum_step_cpu(at::TensorList params, at::TensorList grads, at:
                                 const at::Tensor& basis, const at::Tensor& coeffs, double lr, double momentum,
                                 double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
                                 const std::optional<at::Tensor>& found_inf) {
-  check_finite_scalar(lr, "lr");
-  check_finite_scalar(momentum, "momentum");
-  check_finite_scalar(weight_decay, "weight_decay");
-  const at::TensorList lists[] = {params, grads, momentum_buffers};
-  const char* const names[] = {"params", "grads", "momentum_buffers"};
-  check_tensor_lists(lists, names, 3);
+  check_momentum_step_lists(params, grads, momentum_buffers, lr, momentum, weight_decay);
   if (params.empty()) return;
   check_update_args(params, basis, coeffs, grad_scale, found_inf);  // before the basis dtype picks the kernel
   const cpu::SubspaceMomentumChunkFn fn =

@@ -302,12 +302,7 @@ void subspace_momentum_step_cuda(at::TensorList params, at::TensorList grads, at
                                  const at::Tensor& basis, const at::Tensor& coeffs, double lr, double momentum,
                                  double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
                                  const std::optional<at::Tensor>& found_inf) {
-  check_finite_scalar(lr, "lr");
-  check_finite_scalar(momentum, "momentum");
-  check_finite_scalar(weight_decay, "weight_decay");
-  const at::TensorList lists[] = {params, grads, momentum_buffers};
-  const char* const names[] = {"params", "grads", "momentum_buffers"};
-  check_tensor_lists(lists, names, 3);
+  check_momentum_step_lists(params, grads, momentum_buffers, lr, momentum, weight_decay);
   if (params.empty()) return;
   launch_update<3>({params, grads, momentum_buffers}, basis, coeffs, grad_scale, found_inf, "subspace_momentum_step_",
                    [&](auto scalar_tag, auto basis_tag, const cuda::TensorPack<3>& meta, unsigned blocks,

@@ -86,6 +86,17 @@ inline void check_coeffs(const at::Tensor& coeffs, int64_t r, at::ScalarType par
               device);
 }
 
+// subspace_momentum_step_'s scalars and tensor lists, on every device.
+inline void check_momentum_step_lists(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                      double lr, double momentum, double weight_decay) {
+  check_finite_scalar(lr, "lr");
+  check_finite_scalar(momentum, "momentum");
+  check_finite_scalar(weight_decay, "weight_decay");
+  const at::TensorList lists[] = {params, grads, momentum_buffers};
+  const char* const names[] = {"params", "grads", "momentum_buffers"};
+  check_tensor_lists(lists, names, 3);
+}
+
 // The checks both subspace update passes (subspace_step_, subspace_momentum_step_) share on every device, after
 // their tensor lists' (non-empty params).
 inline void check_update_args(at::TensorList params, const at::Tensor& basis, const at::Tensor& coeffs,
